@@ -1,0 +1,13 @@
+"""gatetune.results: a search folder -> the density/accuracy table, CSV, markdown, Pareto plot.
+
+Reads Ray Tune's experiment folder with json and pandas only (no Ray, no torch), so a report runs
+beside a live search or on a copy of the folder elsewhere:
+
+    python -c "from gatetune.results import write_report; print(write_report('runs/quickstart'))"
+"""
+
+from ._collect import ReportError, collect
+from ._report import write_report
+from ._table import pareto_mask, summary_markdown, table
+
+__all__ = ["ReportError", "collect", "table", "summary_markdown", "write_report", "pareto_mask"]

@@ -1,0 +1,292 @@
+"""Read a gatetune search folder (Ray Tune's on-disk experiment layout) with json and pandas only.
+
+Ray need not be running or even importable: a report runs on a laptop next to a copied run folder,
+or beside a live search. What is read, and why (see notes/ray-tune-2.60.md, section 5):
+- `gatetune.yaml`: the resolved base config; each trial's `params.json` holds only its sampled
+  dotted keys (`gating.density`), so a trial's config = base with those keys set.
+- `<trial>/result.json`, not progress.csv (whose header is fixed by the first report, so late keys
+  such as `latency_ratio` are lost). A restart without a checkpoint repeats `training_iteration`
+  values: the last line per iteration wins. A live search may leave a half-written last line.
+- Status from the newest readable `experiment_state-*.json`, never from `error.txt` (written also for
+  trials that failed once and recovered). Without one (a search that has not snapshotted yet), the
+  status is inferred from the result files.
+- `decisions.jsonl` (written by gatetune's schedulers): why a trial was stopped early.
+Paths inside Ray's files are absolute and go stale when a folder is copied, so everything is
+resolved relative to RUN_DIR.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+CONFIG_FILE = "gatetune.yaml"
+DECISIONS_FILE = "decisions.jsonl"
+STATE_GLOB = "experiment_state-*.json"
+# Every value of the `status` column, in the order reports list them.
+STATUSES = ("completed", "stopped", "running", "pending", "diverged", "error")
+
+_CHECKPOINT = re.compile(r"checkpoint_(\d+)")
+# Trial ids inside Ray's trial folder names: `<5 hex>_<5 digits>` (grid/random), `<8 hex>` (searchers).
+_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_\d+_")
+
+
+class ReportError(ValueError):
+    """A folder that cannot be reported. The message is one line: the path, what is wrong, the fix."""
+
+
+@dataclass
+class _Run:
+    path: Path
+    config: dict  # gatetune.yaml, nested as written
+    ray: dict[str, dict]  # trial_id -> {"status", "dir", "config"} from the newest experiment_state
+    decisions: dict[str, str]  # trial_id -> stopped_by, from decisions.jsonl
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or self.path.name)
+
+
+def collect(run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Return (trials, history) of a search folder.
+
+    trials: one row per trial: `trial_id, status, stopped_by, ray_status, trial_dir, checkpoint`, the
+    effective config flattened to `config/<dotted key>`, then every metric of the trial's last
+    report. history: one row per trial and report (`trial_id` first, then the metrics), in order.
+    """
+    trials, history, _ = _collect(_open(run_dir))
+    return trials, history
+
+
+def _open(run_dir) -> _Run:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ReportError(f"{path}: no such folder; pass the run folder of a search (storage_path/name, "
+                          "e.g. runs/quickstart)")
+    states = sorted(path.glob(STATE_GLOB))
+    if not (path / CONFIG_FILE).is_file():
+        raise ReportError(_not_a_run(path, has_state=bool(states)))
+    ray = _read_state(states)
+    if ray is None and not _trial_dirs(path):
+        raise ReportError(f"{path}: no trials yet (no {STATE_GLOB}, no trial folders); the search writes "
+                          "its first snapshot about 10 s after it starts: wait, or check that it runs")
+    return _Run(path, _read_config(path / CONFIG_FILE), ray or {}, _read_decisions(path / DECISIONS_FILE))
+
+
+def _not_a_run(path: Path, has_state: bool) -> str:
+    missing = f"no {CONFIG_FILE}" + ("" if has_state else f", no {STATE_GLOB}")
+    inside = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_FILE}"))
+    hint = f"; run folders inside it: {', '.join(inside)}" if inside else ""
+    return f"{path}: not a gatetune search folder ({missing}); run `gatetune search CONFIG` first{hint}"
+
+
+def _read_config(file: Path) -> dict:
+    try:
+        config = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ReportError(f"{file}: cannot read it ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(config, dict):
+        raise ReportError(f"{file}: must be a mapping of config sections, got {type(config).__name__}")
+    return config
+
+
+def _read_state(files: list[Path]) -> dict[str, dict] | None:
+    """Trials of the newest readable experiment_state-<timestamp>.json (timestamps sort as text).
+
+    Format (Ray 2.60, internal): {"trial_data": [[trial_json, run_metadata_json], ...], ...}; the
+    trial JSON has trial_id, status (PENDING RUNNING PAUSED TERMINATED ERROR), relative_logdir,
+    config. A file being rewritten by a live search may not parse: then the next older one is used.
+    """
+    for file in reversed(files):
+        try:
+            entries = json.loads(file.read_text())["trial_data"]
+            trials = [json.loads(e[0]) if isinstance(e[0], str) else e[0] for e in entries]
+            return {t["trial_id"]: {"status": t.get("status"), "config": t.get("config") or {},
+                                    "dir": Path(t.get("relative_logdir") or "").name} for t in trials}
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            continue
+    return None
+
+
+def _read_decisions(file: Path) -> dict[str, str]:
+    decisions = {}
+    for record in _json_lines(file):
+        if record.get("trial_id") and record.get("stopped_by"):
+            decisions[str(record["trial_id"])] = str(record["stopped_by"])
+    return decisions
+
+
+def _json_lines(file: Path) -> list[dict]:
+    """Parsed lines of a JSON-lines file; a half-written line of a live search is skipped."""
+    if not file.is_file():
+        return []
+    records = []
+    for line in file.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _trial_dirs(path: Path) -> list[Path]:
+    return [d for d in sorted(path.iterdir())
+            if d.is_dir() and ((d / "params.json").is_file() or (d / "result.json").is_file())]
+
+
+def _collect(run: _Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """(trials, history, searched keys); see `collect`."""
+    by_dir = {info["dir"]: tid for tid, info in run.ray.items() if info["dir"]}
+    found = {}  # trial_id -> trial folder
+    for d in _trial_dirs(run.path):
+        found.setdefault(by_dir.get(d.name) or _id_from_files(d), d)
+    base = _flatten(run.config)
+    searched = list(run.config.get("space") or {})
+    rows, frames = [], []
+    for tid in sorted(set(found) | set(run.ray)):
+        folder = found.get(tid) or _state_folder(run, tid)
+        params = _params(folder, run.ray.get(tid))
+        searched += [k for k in params if k not in searched]
+        history = _history(folder, tid)
+        rows.append(_trial_row(run, tid, folder, _effective(base, params), history))
+        frames.append(history)
+    trials = pd.DataFrame(rows, columns=None if rows else ["trial_id", "status"])
+    return trials, _concat(frames), searched
+
+
+def _id_from_files(folder: Path) -> str:
+    for record in _json_lines(folder / "result.json")[:1]:
+        if record.get("trial_id"):
+            return str(record["trial_id"])
+    match = _TRIAL_ID.search(folder.name)
+    return match.group(1) if match else folder.name
+
+
+def _state_folder(run: _Run, tid: str) -> Path | None:
+    """The folder experiment_state names for a trial, if it exists yet (a pending trial has none)."""
+    name = run.ray[tid]["dir"]
+    return run.path / name if name and (run.path / name).is_dir() else None
+
+
+def _params(folder: Path | None, ray_trial: dict | None) -> dict:
+    """The trial's sampled parameters: params.json, else the config in experiment_state."""
+    if folder is not None:
+        try:
+            params = json.loads((folder / "params.json").read_text())
+            if isinstance(params, dict):
+                return params
+        except (OSError, ValueError):
+            pass
+    return dict((ray_trial or {}).get("config") or {})
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"gating": {"density": 0.5}} -> {"gating.density": 0.5}; lists and empty dicts are values."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _effective(base: dict, params: dict) -> dict:
+    """The base config (flat, dotted) with a trial's dotted parameters set; a dict value replaces
+    the whole section below its key."""
+    config = dict(base)
+    for key, value in params.items():
+        if isinstance(value, dict):
+            config = {k: v for k, v in config.items() if not k.startswith(f"{key}.")}
+            config.update(_flatten({key: value}))
+        else:
+            config[key] = value
+    return config
+
+
+def _history(folder: Path | None, trial_id: str) -> pd.DataFrame:
+    records = _json_lines(folder / "result.json") if folder is not None else []
+    for record in records:
+        record.pop("config", None)  # the trial's config, repeated on every line
+        record["trial_id"] = trial_id
+    frame = pd.json_normalize(records, sep="/") if records else pd.DataFrame({"trial_id": []})
+    if "training_iteration" in frame:
+        frame = frame.drop_duplicates("training_iteration", keep="last")
+        frame = frame.sort_values("training_iteration", kind="stable")
+    return frame[["trial_id", *(c for c in frame.columns if c != "trial_id")]].reset_index(drop=True)
+
+
+def _trial_row(run: _Run, tid: str, folder: Path | None, config: dict, history: pd.DataFrame) -> dict:
+    last = history.iloc[-1].to_dict() if len(history) else None
+    ray_status = run.ray[tid]["status"] if tid in run.ray else None
+    status, stopped_by = _status(ray_status, last, config, run.decisions.get(tid))
+    return {"trial_id": tid, "status": status, "stopped_by": stopped_by, "ray_status": ray_status,
+            "trial_dir": folder.name if folder is not None else "",
+            "checkpoint": _latest_checkpoint(folder),
+            **{f"config/{k}": v for k, v in config.items()},
+            **{k: v for k, v in (last or {}).items() if k != "trial_id"}}
+
+
+def _status(ray_status: str | None, last: dict | None, config: dict, decision: str | None) -> tuple[str, str]:
+    """(status, stopped_by) of one trial; see STATUSES.
+
+    A diverged last report wins over Ray's status (the trial ended because of it). A trial Ray still
+    lists as live, but whose last report says done or which a scheduler decided to stop, has ended:
+    the experiment state lags the result files by up to one snapshot.
+    """
+    if last is not None and _flag(last.get("diverged")):
+        return "diverged", "diverged"
+    if ray_status == "ERROR":
+        return "error", ""
+    done = last is not None and _flag(last.get("done"))
+    ended = ray_status == "TERMINATED" or decision is not None or done
+    if not ended:
+        if ray_status in ("RUNNING", "PAUSED") or (ray_status is None and last is not None):
+            return "running", ""
+        return "pending", ""
+    epoch = _epoch(last)
+    target = config.get("train.epochs")
+    if target is None or (epoch is not None and epoch >= float(target)):
+        return "completed", ""
+    scheduler = config.get("search.scheduler.name")
+    return "stopped", decision or (str(scheduler) if scheduler else "")
+
+
+def _epoch(last: dict | None) -> float | None:
+    if last is None:
+        return None
+    for key in ("epoch", "training_iteration"):
+        if key in last and not pd.isna(last[key]):
+            return float(last[key])
+    return None
+
+
+def _flag(value) -> bool:
+    """True for a true boolean or number (numpy ones too); missing values (NaN, None) are false."""
+    if isinstance(value, str):
+        return value.strip().lower() == "true"
+    try:
+        return bool(not pd.isna(value) and value)
+    except (TypeError, ValueError):  # a list or other container
+        return False
+
+
+def _latest_checkpoint(folder: Path | None) -> str:
+    """`<trial folder>/checkpoint_NNNNNN` of the highest index on disk, relative to RUN_DIR; "" if none."""
+    if folder is None:
+        return ""
+    indexed = [(int(m.group(1)), d.name) for d in folder.iterdir()
+               if d.is_dir() and (m := _CHECKPOINT.fullmatch(d.name))]
+    return f"{folder.name}/{max(indexed)[1]}" if indexed else ""
+
+
+def _concat(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"trial_id": []})

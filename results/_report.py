@@ -1,0 +1,139 @@
+"""report.csv, report.md and pareto.png of a search folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from ._collect import STATUSES, _open
+from ._table import PARETO, _cell, _missing, _table, markdown_table, summary_markdown
+
+# One colour per status (tab10 shades): the eye finds the failures first.
+_COLOURS = {"completed": "#1f77b4", "stopped": "#7f7f7f", "running": "#2ca02c", "pending": "#bcbd22",
+            "diverged": "#ff7f0e", "error": "#d62728"}
+_MARKERS = {"diverged": "^", "error": "X"}  # failures also differ in shape, not only in colour
+# Table columns shown as percentages (stored as fractions 0..1) and with 2 decimals (percent).
+_FRACTIONS = ("target_density", "density", "macs_ratio", "latency_ratio")
+_PERCENTS = ("top1", "top5")
+
+
+def write_report(run_dir, csv=None, markdown=None, plot=None) -> pd.DataFrame:
+    """Write the trials table as CSV, a markdown report (summary table, full table, run folder size)
+    and the Pareto plot; defaults RUN_DIR/report.csv, RUN_DIR/report.md, RUN_DIR/pareto.png.
+    Returns the table."""
+    run = _open(run_dir)
+    size = folder_size(run.path)  # before our own files are (re)written
+    df = _table(run)
+    csv = Path(csv or run.path / "report.csv")
+    markdown = Path(markdown or run.path / "report.md")
+    plot = Path(plot or run.path / "pareto.png")
+    df.to_csv(csv, index=False)
+    plot_pareto(df, plot, title=f"{run.name}: top-1 accuracy against cost, {len(df)} trials")
+    image = Path(os.path.relpath(plot, markdown.parent)).as_posix()
+    markdown.write_text(_report_text(run.name, run.path, df, size, image))
+    return df
+
+
+def folder_size(path: Path) -> int:
+    """Bytes of all files below path; links are neither followed nor counted."""
+    return sum(os.lstat(os.path.join(top, f)).st_size for top, _, files in os.walk(path)
+               for f in files if not os.path.islink(os.path.join(top, f)))
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _report_text(name: str, path: Path, df: pd.DataFrame, size: int, image: str) -> str:
+    counts = df["status"].value_counts()
+    statuses = ", ".join(f"{counts[s]} {s}" for s in STATUSES if s in counts)
+    return "\n".join([
+        f"# {name}: gatetune search report", "",
+        f"Run folder `{path.name}`: {len(df)} trials ({statuses or 'none'}); "
+        f"run folder size {human_bytes(size)} ({size:,} bytes).", "",
+        "Metrics are each trial's last report; `density` is the achieved fraction of channels kept, "
+        "`target_density` the configured one. `pareto`: not dominated in top1 (max) and macs_ratio (min); "
+        "`pareto_density`: in top1 and density; among trials with results that did not error or diverge.", "",
+        "## Summary", "", summary_markdown(df),
+        "## All trials", "", _full_table(df),
+        "## Pareto front", "", f"![top-1 against MACs ratio and density]({image})", ""])
+
+
+def _full_table(df: pd.DataFrame) -> str:
+    numeric = [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c]) and df[c].dtype != bool]
+    rows = [[_format(c, v) for c, v in row.items()] for _, row in df.iterrows()]
+    return markdown_table(list(df.columns), rows, "".join("r" if c in numeric else "l" for c in df.columns))
+
+
+def _format(column: str, value) -> str:
+    if _missing(value):
+        return ""
+    if column in PARETO:
+        return "yes" if value else ""
+    if column in _FRACTIONS:
+        return f"{100 * float(value):.2f}%"
+    if column in _PERCENTS:
+        return f"{float(value):.2f}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return _cell(value)
+
+
+def plot_pareto(df: pd.DataFrame, path, title: str) -> None:
+    """Two panels, top-1 against MACs ratio and against achieved density: every trial a point
+    coloured by status, the Pareto front as a step line, the dense baseline as a dashed line."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI; Agg renders PNGs
+    from matplotlib.ticker import PercentFormatter
+
+    fig = Figure(figsize=(12, 5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    panels = (("macs_ratio", "pareto", "MACs ratio (effective / dense MACs per image)"),
+              ("density", "pareto_density", "achieved density (fraction of channels kept)"))
+    baseline = _baseline(df)
+    for ax, (x, front, label) in zip(axes, panels):
+        _panel(ax, df, x, front, baseline)
+        ax.set_xlabel(label)
+        ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 accuracy (%)")
+    if axes[0].get_legend_handles_labels()[0]:  # nothing to explain before the first results
+        axes[0].legend(loc="best", fontsize="small")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+
+
+def _panel(ax, df: pd.DataFrame, x: str, front: str, baseline) -> None:
+    points = df[df["top1"].notna() & df[x].notna()]
+    if points.empty:
+        ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
+        return
+    for status in STATUSES:
+        group = points[points["status"] == status]
+        if len(group):
+            ax.scatter(group[x], group["top1"], s=36, color=_COLOURS[status], marker=_MARKERS.get(status, "o"),
+                       alpha=0.85, label=f"{status} ({len(group)})", zorder=3)
+    best = points[points[front]].sort_values(x)
+    if len(best):
+        ax.plot(best[x], best["top1"], drawstyle="steps-post", color="black", lw=1.2, zorder=2,
+                label="Pareto front")
+        ax.scatter(best[x], best["top1"], s=110, facecolors="none", edgecolors="black", lw=1.2, zorder=4)
+        for _, row in best.iterrows():  # name the front's trials, to find them in the table
+            ax.annotate(str(row["trial_id"]), (row[x], row["top1"]), xytext=(6, -10),
+                        textcoords="offset points", fontsize="x-small", color="dimgray")
+    if baseline is not None:
+        ax.axhline(baseline["top1"], color="black", ls="--", lw=1, alpha=0.7,
+                   label=f"dense baseline ({baseline['top1']:.2f}%)")
+
+
+def _baseline(df: pd.DataFrame):
+    """The best usable trial with target density 1.0 or no gated sites, if the search has one."""
+    dense = pd.to_numeric(df["target_density"], errors="coerce").ge(1.0)
+    dense |= df["gated_layers"].astype(str).str.lower().eq("none")
+    usable = df[dense & df["top1"].notna() & ~df["status"].isin(("error", "diverged"))]
+    return None if usable.empty else usable.loc[usable["top1"].idxmax()]

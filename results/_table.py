@@ -1,0 +1,135 @@
+"""The density/accuracy table: one row per trial, DESIGN's columns, the Pareto fronts, markdown."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from ._collect import _collect, _open, _Run
+
+# Report column -> key of the trial's effective config (the same word as the YAML, STYLE rule 2).
+_FROM_CONFIG = {"model": "model.name", "dataset": "data.dataset", "policy": "gating.policy",
+                "target_density": "gating.density", "weight": "gating.weight", "gated_layers": "gating.gate",
+                "trainable_layers": "gating.trainable", "lr": "train.optimizer.lr", "seed": "seed"}
+_FROM_METRICS = ("density", "macs_ratio", "macs", "top1", "top5", "gate_loss")
+COLUMNS = ("trial_id", "status", "stopped_by", "model", "dataset", "policy", "target_density", "density",
+           "macs_ratio", "macs", "top1", "top5", "gate_loss", "epochs", "weight", "gated_layers",
+           "trainable_layers", "lr", "seed", "node", "checkpoint", "pareto", "pareto_density")
+# Objectives of the two fronts: accuracy against compute, and against achieved density.
+PARETO = {"pareto": (("top1", "max"), ("macs_ratio", "min")),
+          "pareto_density": (("top1", "max"), ("density", "min"))}
+# Trials whose numbers say nothing about the trade-off: no results, or a failed run.
+_OFF_FRONT = ("pending", "error", "diverged")
+
+
+def table(run_dir) -> pd.DataFrame:
+    """One row per trial with DESIGN's columns (`COLUMNS`), then `latency_ratio` when any trial
+    reports it, then every searched parameter under its dotted key; sorted by top1, best first.
+
+    Metrics are the trial's last report; `epochs` is the last epoch reached; lists (site patterns)
+    are joined with ",". `pareto` marks trials on the top1-vs-macs_ratio front, `pareto_density` on
+    the top1-vs-density front, both among trials with results that did not error or diverge.
+    """
+    return _table(_open(run_dir))
+
+
+def _table(run: _Run) -> pd.DataFrame:
+    trials, _, searched = _collect(run)
+
+    def col(name: str) -> pd.Series:
+        return trials[name] if name in trials else pd.Series(np.nan, index=trials.index)
+
+    out = pd.DataFrame(index=trials.index)
+    for name in COLUMNS:
+        if name in _FROM_CONFIG:
+            out[name] = col(f"config/{_FROM_CONFIG[name]}")
+        elif name in _FROM_METRICS:
+            out[name] = pd.to_numeric(col(name), errors="coerce")
+        elif name == "epochs":
+            out[name] = pd.to_numeric(col("epoch"), errors="coerce").fillna(col("training_iteration"))
+        elif name == "node":
+            out[name] = col("node").fillna(col("hostname")).fillna("")
+        elif name in PARETO:
+            out[name] = False  # filled in below, once the metrics are in place
+        else:
+            out[name] = col(name)
+    for name in ("gated_layers", "trainable_layers"):
+        out[name] = out[name].map(_text)
+    on_front = out["top1"].notna() & ~out["status"].isin(_OFF_FRONT)
+    for name, objectives in PARETO.items():
+        out[name] = pareto_mask(out[on_front], objectives).reindex(out.index, fill_value=False).astype(bool)
+    if "latency_ratio" in trials:
+        out["latency_ratio"] = pd.to_numeric(trials["latency_ratio"], errors="coerce")
+    for key in searched:
+        out[key] = col(f"config/{key}").map(_text, na_action="ignore")
+    out = out.sort_values(["top1", "trial_id"], ascending=[False, True], na_position="last", kind="stable")
+    return out.reset_index(drop=True)
+
+
+def _text(value):
+    """Lists (site patterns, `gate: [conv4, conv5]`) as one comma-joined string; others unchanged."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return "" if value is None else value
+
+
+def pareto_mask(df: pd.DataFrame, objectives=(("top1", "max"), ("macs_ratio", "min"))) -> pd.Series:
+    """Boolean Series over df's index: True for rows no other row dominates (at least as good in
+    every objective and better in one). Rows missing an objective are False; equal rows are all kept.
+    """
+    for column, mode in objectives:
+        if mode not in ("max", "min"):
+            raise ValueError(f"objective mode must be 'max' or 'min', but got ({column!r}, {mode!r})")
+        if column not in df:
+            raise ValueError(f"objective column {column!r} is not in the table; "
+                             f"columns: {', '.join(map(str, df.columns))}")
+    signs = np.array([1.0 if mode == "max" else -1.0 for _, mode in objectives])
+    values = df[[c for c, _ in objectives]].apply(pd.to_numeric, errors="coerce").to_numpy(float) * signs
+    complete = ~np.isnan(values).any(axis=1)
+    mask = np.zeros(len(df), dtype=bool)
+    points = values[complete]
+    mask[complete] = [not ((points >= p).all(1) & (points > p).any(1)).any() for p in points]
+    return pd.Series(mask, index=df.index, name="pareto")
+
+
+def summary_markdown(df: pd.DataFrame) -> str:
+    """The lab notebook's table (network | density | top1 | top5 | checkpoint | node), densest first:
+    density as a percentage, accuracies in percent with 2 decimals. Only trials with results that did
+    not error or diverge: their checkpoints are the ones worth picking (the full table lists all)."""
+    usable = df["top1"].notna()
+    if "status" in df:
+        usable &= ~df["status"].isin(("error", "diverged"))
+    rows = df[usable].sort_values("density", ascending=False, na_position="last", kind="stable")
+    cells = [[_cell(r["model"]), _percent(r["density"]), _number(r["top1"]), _number(r["top5"]),
+              _cell(r["checkpoint"]), _cell(r["node"])] for _, r in rows.iterrows()]
+    return markdown_table(["network", "density", "top1", "top5", "checkpoint", "node"], cells, "lrrrll")
+
+
+def markdown_table(header: list[str], rows: list[list[str]], align: str) -> str:
+    """A GitHub-flavoured markdown table with padded columns; align is one 'l'/'r' per column.
+    (Written here because pandas' to_markdown needs `tabulate`, which is not a dependency.)"""
+    rows = [[c.replace("|", "\\|") for c in row] for row in rows]
+    widths = [max(3, len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    pad = lambda text, i: text.rjust(widths[i]) if align[i] == "r" else text.ljust(widths[i])  # noqa: E731
+    rule = [("-" * (w - 1) + ":") if a == "r" else ("-" * w) for w, a in zip(widths, align)]
+    lines = [[pad(h, i) for i, h in enumerate(header)], rule]
+    lines += [[pad(c, i) for i, c in enumerate(row)] for row in rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines) + "\n"
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _cell(value) -> str:
+    return "" if _missing(value) else str(value).replace("\n", " ")
+
+
+def _number(value, digits: int = 2) -> str:
+    return "" if _missing(value) else f"{float(value):.{digits}f}"
+
+
+def _percent(value) -> str:
+    return "" if _missing(value) else f"{100 * float(value):.2f}%"

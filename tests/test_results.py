@@ -1,0 +1,332 @@
+"""results/: a real Ray Tune experiment folder (built once, ~15 s) -> table, markdown, CSV, plot.
+
+Only the module fixture touches Ray; everything after it reads files with pandas, with Ray shut down.
+"""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from gatetune.results import ReportError, collect, pareto_mask, summary_markdown, table, write_report
+from gatetune.results._table import COLUMNS
+
+EPOCHS = 4
+SMALL, LARGE = 1e-6, 1e-4  # gating.weight grid
+# (gating.density, gating.weight) -> top1 per epoch, and what the fake trial does. With one trial at a
+# time in grid order (density varies fastest), ASHA (grace 1, rf 2, max_t 4) stops 0.5/0.25 at the
+# first rung (below 70 and the median), lets the erroring trial (99) and the sparse one (65, 77) on.
+FAKE = {(1.0, SMALL): ([70, 76, 80, 82], "ok"),
+        (0.5, SMALL): ([60, 61, 62, 63], "ok"),
+        (0.25, SMALL): ([55, 56, 57, 58], "ok"),
+        (1.0, LARGE): ([99, 99, 99, 99], "raise"),
+        (0.5, LARGE): ([10, 10, 10, 10], "diverge"),
+        (0.25, LARGE): ([65, 77, 78, 79], "ok")}
+EXPECTED = {(1.0, SMALL): ("completed", ""), (0.5, SMALL): ("stopped", "asha"),
+            (0.25, SMALL): ("stopped", "asha"), (1.0, LARGE): ("error", ""),
+            (0.5, LARGE): ("diverged", "diverged"), (0.25, LARGE): ("completed", "")}
+BASE_CONFIG = {
+    "name": "quickstart", "seed": 0,
+    "model": {"name": "digitnet", "weights": None},
+    "data": {"dataset": "digits", "root": None, "augment": True},
+    "gating": {"policy": "fbs", "density": 0.5, "weight": 1e-6, "gate": "all", "trainable": ["conv1", "conv2"],
+               "sites": {}},
+    "train": {"epochs": EPOCHS, "batch_size": 128, "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9}},
+    "search": {"num_samples": 1, "metric": "top1", "mode": "max",
+               "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2}},
+    "space": {"gating.density": {"choice": [0.25, 0.5, 1.0]}, "gating.weight": {"choice": [SMALL, LARGE]}},
+}
+
+
+def _make_trainable():
+    """The fake trainable, built inside a function so that Ray pickles it by value: workers cannot
+    import this test module."""
+
+    def fake_trainable(config):
+        from ray import tune
+
+        d, w = config["gating.density"], config["gating.weight"]
+        top1s, behaviour = FAKE[(d, w)]
+        for e, top1 in enumerate(top1s):
+            if behaviour == "raise" and e == 1:
+                raise RuntimeError("simulated worker failure")
+            diverged = behaviour == "diverge"
+            metrics = {"epoch": float(e + 1), "top1": float(top1), "top5": min(100.0, top1 + 15.0),
+                       "loss": 1.0 / (e + 1), "gate_loss": math.nan if diverged else w * 1e3,
+                       "density": d * 0.98, "macs": 3e6 * d, "macs_ratio": d + 0.05, "lr": 0.05,
+                       "images_per_s": 1000.0, "node": "node-b" if d == 0.25 else "node-a",
+                       "diverged": diverged, "density/conv1": d, "density/conv2": d * 0.96}
+            if e >= 1:
+                metrics["latency_ratio"] = d + 0.1  # a key that first appears late (progress.csv drops it)
+            with tempfile.TemporaryDirectory() as tmp:
+                open(os.path.join(tmp, "state.txt"), "w").write(str(e))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            if diverged:
+                return
+
+    return fake_trainable
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A real search folder: Ray Tune grid + ASHA, then gatetune.yaml beside Ray's files; Ray shut down."""
+    ray = pytest.importorskip("ray")
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # no token file; a local ray.init() would leave "token" set
+    storage = tmp_path_factory.mktemp("ray_storage")
+    # not conftest's ray_local: that one stays up for the whole module, and the reports must run without Ray
+    ray.init(num_cpus=2, include_dashboard=False, address="local", log_to_driver=False,
+             object_store_memory=200 * 1024**2)
+    try:
+        tuner = tune.Tuner(
+            _make_trainable(),
+            param_space={"gating.density": tune.grid_search([1.0, 0.5, 0.25]),
+                         "gating.weight": tune.grid_search([SMALL, LARGE])},
+            tune_config=tune.TuneConfig(
+                metric="top1", mode="max", reuse_actors=True, max_concurrent_trials=1, time_budget_s=120,
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=EPOCHS, grace_period=1, reduction_factor=2)),
+            run_config=tune.RunConfig(name="search", storage_path=str(storage), verbose=0))
+        tuner.fit()
+    finally:
+        ray.shutdown()
+        os.environ.pop("RAY_AUTH_MODE") if saved is None else os.environ.__setitem__("RAY_AUTH_MODE", saved)
+    path = storage / "search"
+    (path / "gatetune.yaml").write_text(yaml.safe_dump(BASE_CONFIG, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def run_copy(run_dir, tmp_path):
+    """A private copy of the search folder, for tests that edit files."""
+    return shutil.copytree(run_dir, tmp_path / "copy" / run_dir.name)
+
+
+def _by_key(df):
+    return {(row.target_density, row.weight): row for row in df.itertuples()}
+
+
+def _trial(df, density, weight):
+    return df[(df["target_density"] == density) & (df["weight"] == weight)].iloc[0]
+
+
+def _trial_dir(run_dir, df, density, weight):
+    return run_dir / _trial(df, density, weight)["checkpoint"].split("/")[0]
+
+
+# --- the real folder -----------------------------------------------------------------------------
+
+def test_experiment_state_is_what_the_reader_expects(run_dir):
+    """Ray 2.60's (internal) format: trial_data = [[trial_json, metadata_json], ...]."""
+    (state_file,) = run_dir.glob("experiment_state-*.json")
+    trials = [json.loads(t) for t, _ in json.loads(state_file.read_text())["trial_data"]]
+    assert sorted(t["status"] for t in trials) == ["ERROR"] + ["TERMINATED"] * 5
+    for t in trials:
+        assert (run_dir / t["relative_logdir"] / "params.json").is_file()
+        assert set(t["config"]) == {"gating.density", "gating.weight"}
+
+
+def test_columns_in_design_order_then_searched_parameters(run_dir):
+    df = table(run_dir)
+    assert list(df.columns) == [*COLUMNS, "latency_ratio", "gating.density", "gating.weight"]
+    assert COLUMNS[:3] == ("trial_id", "status", "stopped_by") and COLUMNS[21:] == ("pareto", "pareto_density")
+
+
+def test_one_row_per_trial_with_status_and_stopped_by(run_dir):
+    df = table(run_dir)
+    assert len(df) == len(FAKE) and df["trial_id"].is_unique
+    got = {key: (row.status, row.stopped_by) for key, row in _by_key(df).items()}
+    assert got == EXPECTED
+
+
+def test_rows_sorted_by_top1_best_first(run_dir):
+    top1 = table(run_dir)["top1"].tolist()
+    assert top1 == sorted(top1, reverse=True)
+
+
+def test_metrics_come_from_the_last_report(run_dir):
+    df = table(run_dir)
+    dense, sparse = _trial(df, 1.0, SMALL), _trial(df, 0.25, LARGE)
+    assert (dense["top1"], dense["epochs"], dense["density"]) == (82.0, 4.0, 0.98)
+    assert (sparse["top1"], sparse["macs_ratio"], sparse["node"]) == (79.0, 0.3, "node-b")
+    assert sparse["latency_ratio"] == pytest.approx(0.35)
+    assert _trial(df, 0.5, SMALL)["epochs"] == 1.0  # stopped at ASHA's first rung
+    assert math.isnan(_trial(df, 0.5, LARGE)["gate_loss"])  # the diverged report
+
+
+def test_config_columns_from_gatetune_yaml_and_params(run_dir):
+    row = _trial(table(run_dir), 0.25, SMALL)
+    got = (row["model"], row["dataset"], row["policy"], row["seed"], row["lr"])
+    assert got == ("digitnet", "digits", "fbs", 0, 0.05)
+    assert (row["gated_layers"], row["trainable_layers"]) == ("all", "conv1,conv2")
+    assert (row["target_density"], row["gating.density"], row["gating.weight"]) == (0.25, 0.25, SMALL)
+
+
+def test_checkpoint_is_the_latest_relative_to_run_dir(run_dir):
+    df = table(run_dir)
+    assert _trial(df, 1.0, SMALL)["checkpoint"].endswith("/checkpoint_000003")
+    assert _trial(df, 1.0, LARGE)["checkpoint"].endswith("/checkpoint_000000")  # errored in epoch 2
+    assert all((run_dir / c).is_dir() and not os.path.isabs(c) for c in df["checkpoint"])
+
+
+def test_pareto_fronts_skip_error_and_diverged(run_dir):
+    df = table(run_dir)
+    front = {key for key, row in _by_key(df).items() if row.pareto}
+    # the erroring trial (99 %) and the diverged one would change the front if they counted
+    assert front == {(1.0, SMALL), (0.25, LARGE)}
+    assert df["pareto_density"].tolist() == df["pareto"].tolist()
+
+
+def test_collect_history_one_row_per_trial_epoch(run_dir):
+    trials, history = collect(run_dir)
+    assert len(trials) == len(FAKE)
+    assert history.groupby("trial_id").size().sort_values().tolist() == [1, 1, 1, 1, 4, 4]
+    assert history.columns[0] == "trial_id" and not any(c.startswith("config") for c in history.columns)
+    assert {"epoch", "density/conv1", "latency_ratio"} <= set(history.columns)
+
+
+def test_report_on_a_copy_with_ray_shut_down(run_dir, tmp_path):
+    ray = pytest.importorskip("ray")
+    assert not ray.is_initialized()
+    moved = shutil.copytree(run_dir, tmp_path / "elsewhere" / "moved")
+    hidden = run_dir.rename(run_dir.with_name("hidden"))  # Ray's files still name the old path
+    try:
+        df = write_report(moved)
+    finally:
+        hidden.rename(run_dir)
+    assert all((moved / c).is_dir() for c in df["checkpoint"])
+    text = (moved / "report.md").read_text()
+    assert str(run_dir) not in text and "## Summary" in text and "## All trials" in text
+    assert "6 trials (2 completed, 2 stopped, 1 diverged, 1 error)" in text and "run folder size " in text
+    assert (moved / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_csv_round_trip(run_dir, tmp_path):
+    df = write_report(run_dir, csv=tmp_path / "r.csv", markdown=tmp_path / "r.md", plot=tmp_path / "r.png")
+    back = pd.read_csv(tmp_path / "r.csv", keep_default_na=False, na_values=[""])
+    assert list(back.columns) == list(df.columns)
+    for column in ("trial_id", "status", "pareto", "top1", "density", "epochs", "gating.weight"):
+        pd.testing.assert_series_equal(back[column], df[column], check_dtype=False)
+    assert "![top-1 against MACs ratio and density](r.png)" in (tmp_path / "r.md").read_text()
+
+
+# --- edited copies: a live search, a restart, scheduler decisions ---------------------------------
+
+def test_duplicate_training_iterations_keep_the_last(run_copy):
+    result = _trial_dir(run_copy, table(run_copy), 1.0, SMALL) / "result.json"
+    lines = result.read_text().splitlines()
+    redo = json.loads(lines[-1]) | {"top1": 12.5}  # a restart without checkpoint reports epoch 4 again
+    result.write_text("\n".join([*lines, json.dumps(redo)]) + "\n")
+    trials, history = collect(run_copy)
+    assert (history["trial_id"] == redo["trial_id"]).sum() == EPOCHS
+    assert trials.set_index("trial_id").loc[redo["trial_id"], "top1"] == 12.5
+
+
+def test_decisions_jsonl_names_who_stopped_a_trial(run_copy):
+    tid = _trial(table(run_copy), 0.5, SMALL)["trial_id"]
+    decision = {"trial_id": tid, "stopped_by": "off_target", "epoch": 1.0}
+    (run_copy / "decisions.jsonl").write_text(json.dumps(decision) + "\n")
+    df = table(run_copy)
+    assert _trial(df, 0.5, SMALL)["stopped_by"] == "off_target"
+    assert _trial(df, 0.25, SMALL)["stopped_by"] == "asha"
+
+
+def test_live_search_state_lags_and_is_half_written(run_copy):
+    (state_file,) = run_copy.glob("experiment_state-*.json")
+    state = json.loads(state_file.read_text())
+    dense = _trial(table(run_copy), 1.0, SMALL)
+    for entry in state["trial_data"]:
+        trial = json.loads(entry[0])
+        if trial["trial_id"] == dense["trial_id"]:
+            entry[0] = json.dumps(trial | {"status": "RUNNING"})
+            pending = trial | {"trial_id": "fffff_00009", "status": "PENDING", "relative_logdir": "not_started_yet",
+                               "config": {"gating.density": 0.75, "gating.weight": 1e-5}}
+    state["trial_data"].append([json.dumps(pending), "{}"])
+    state_file.write_text(json.dumps(state))
+    newer = run_copy / "experiment_state-2999-01-01_00-00-00.json"
+    newer.write_text('{"trial_data": [["{\\"trial_id')  # being rewritten: unreadable, the older one is used
+    result = run_copy / dense["checkpoint"].split("/")[0] / "result.json"
+    lines = result.read_text().splitlines()
+    result.write_text("\n".join(lines[:2]) + "\n" + lines[2][:40])  # two reports and a half-written line
+    df = table(run_copy)
+    assert (_trial(df, 1.0, SMALL)["status"], _trial(df, 1.0, SMALL)["epochs"]) == ("running", 2.0)
+    row = df.set_index("trial_id").loc["fffff_00009"]
+    assert (row["status"], row["target_density"], row["checkpoint"]) == ("pending", 0.75, "")
+    assert not row["pareto"] and math.isnan(row["top1"])
+    assert _trial(df, 1.0, LARGE)["status"] == "error"
+
+
+def test_no_experiment_state_yet_status_from_result_files(run_copy):
+    for file in run_copy.glob("experiment_state-*.json"):
+        file.unlink()
+    new = run_copy / "fake_trainable_abcde_00009_9_gating.density=0.5_2026-01-01_00-00-00"
+    new.mkdir()
+    (new / "params.json").write_text(json.dumps({"gating.density": 0.5, "gating.weight": 1e-5}))
+    df = table(run_copy).set_index("trial_id")
+    assert df.loc["abcde_00009", "status"] == "pending"
+    # the errored trial looks live without experiment_state: its last report is not `done`
+    counts = {"completed": 2, "stopped": 2, "diverged": 1, "running": 1, "pending": 1}
+    assert df["status"].value_counts().to_dict() == counts
+
+
+def test_not_a_search_folder_is_a_one_line_error(run_dir, tmp_path):
+    with pytest.raises(ReportError) as err:
+        table(tmp_path)
+    assert str(err.value) == (f"{tmp_path}: not a gatetune search folder (no gatetune.yaml, no "
+                              "experiment_state-*.json); run `gatetune search CONFIG` first")
+    with pytest.raises(ReportError, match=r"run folders inside it: search$"):
+        table(run_dir.parent)  # the storage path instead of storage_path/name
+    with pytest.raises(ReportError, match=r"no such folder"):
+        table(tmp_path / "missing")
+    plain_ray = shutil.copytree(run_dir, tmp_path / "plain")
+    (plain_ray / "gatetune.yaml").unlink()
+    with pytest.raises(ValueError, match=r"\(no gatetune.yaml\); run `gatetune search CONFIG` first$"):
+        write_report(plain_ray)
+
+
+# --- pure pandas ---------------------------------------------------------------------------------
+
+def test_pareto_mask_on_a_hand_made_table():
+    df = pd.DataFrame({"top1": [80, 75, 75, 70, 90, np.nan, 76, 80],
+                       "macs_ratio": [0.5, 0.4, 0.4, 0.6, np.nan, 0.1, 0.3, 0.5]}, index=list("abcdefgh"))
+    mask = pareto_mask(df)
+    # g dominates b and c; a dominates d; a and h are equal and both stay; rows with a NaN never count
+    assert mask[mask].index.tolist() == ["a", "g", "h"]
+    both_max = pareto_mask(df, (("top1", "max"), ("macs_ratio", "max")))
+    assert both_max[both_max].index.tolist() == ["a", "d", "h"]
+    assert pareto_mask(df.iloc[:0]).tolist() == []
+    with pytest.raises(ValueError, match=r"mode must be 'max' or 'min', but got \('top1', 'best'\)"):
+        pareto_mask(df, (("top1", "best"),))
+
+
+def test_summary_markdown_is_the_notebook_table():
+    df = pd.DataFrame({"model": ["squeeze", "squeeze", "mobile", "mobile", "mobile"],
+                       "status": ["completed", "stopped", "completed", "pending", "error"],
+                       "density": [0.9571, 0.9807, 0.983, np.nan, 0.99], "top1": [55.72, 56.51, 68.754, np.nan, 99.0],
+                       "top5": [78.88, 79.39, 88.34, np.nan, 99.0],
+                       "checkpoint": ["t1/checkpoint_000012", "t0/checkpoint_000003", "", "", "t4/checkpoint_000000"],
+                       "node": ["sigyn", "sigyn", "heimdall", "heimdall", "sigyn"]})
+    # no results (pending) and failed runs (error) are left out; densest first
+    assert summary_markdown(df) == (
+        "| network | density |  top1 |  top5 | checkpoint           | node     |\n"
+        "| ------- | ------: | ----: | ----: | -------------------- | -------- |\n"
+        "| mobile  |  98.30% | 68.75 | 88.34 |                      | heimdall |\n"
+        "| squeeze |  98.07% | 56.51 | 79.39 | t0/checkpoint_000003 | sigyn    |\n"
+        "| squeeze |  95.71% | 55.72 | 78.88 | t1/checkpoint_000012 | sigyn    |\n")
+
+
+def test_import_needs_neither_ray_nor_torch():
+    code = ("import sys, gatetune.results; "
+            "print([m for m in ('ray', 'torch', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -1,0 +1,52 @@
+"""A real (tiny) Ray Tune search on a local 2-CPU Ray, its report, and the search-level bad inputs."""
+import os
+import shutil
+
+import pandas as pd
+import pytest
+
+from gatetune import results
+from gatetune.tuning import config as C
+from gatetune.tuning.errors import ConfigError
+from gatetune.tuning.search import run_search
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = os.path.join(ROOT, "search_spaces", "quickstart.yaml")
+TINY = ["train.epochs=2", "search.num_samples=4", "search.scheduler.grace_period=1",
+        "space.gating.gate={choice: [all, [conv5, conv6]]}"]
+
+
+def test_tiny_search_and_report(ray_local, tmp_path, capsys):
+    cfg = C.load(QUICK, TINY)
+    run_dir = run_search(cfg, storage=str(tmp_path), name="tiny")
+    out = capsys.readouterr().out
+    assert f"run folder: {run_dir}" in out and "| network " in out
+    assert "epoch:  1.00/2 | gate.loss:" in out          # one compact line per trial result
+    df = pd.read_csv(os.path.join(run_dir, "report.csv"))
+    assert len(df) == 4 and df["trial_id"].is_unique
+    assert set(df["status"]) <= {"completed", "stopped"}
+    assert set(df.loc[df.status == "stopped", "stopped_by"]) <= {"asha"}
+    assert df["top1"].max() > 50
+    assert {"gating.density", "gating.weight", "gating.gate", "train.optimizer.lr"} <= set(df.columns)
+    assert (df["checkpoint"].str.len() > 0).all()
+    best = df.sort_values("top1").iloc[-1]
+    assert abs(best["density"] - best["target_density"]) <= 0.02 or best["gated_layers"] != "all"
+    assert os.path.isfile(os.path.join(run_dir, "optuna.db"))
+    assert os.path.isfile(os.path.join(run_dir, "pareto.png"))
+
+    # the report works on a copy, with Ray not involved
+    copy = tmp_path / "copied"
+    shutil.copytree(run_dir, copy)
+    again = results.table(copy)
+    assert sorted(again["trial_id"]) == sorted(df["trial_id"])
+
+    # a second search into the same folder is refused and points at resume
+    with pytest.raises(ConfigError, match="gatetune resume"):
+        run_search(cfg, storage=str(tmp_path), name="tiny")
+
+
+def test_impossible_resources_fail_fast(ray_local, tmp_path):
+    cfg = C.load(QUICK, [*TINY, "search.resources.gpu=1"])
+    with pytest.raises(ConfigError, match="no node can run a trial needing 1 CPU and 1 GPU"):
+        run_search(cfg, storage=str(tmp_path), name="gpu")
+    assert not (tmp_path / "gpu").exists()

@@ -1,0 +1,1 @@
+"""gatetune.tuning"""

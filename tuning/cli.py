@@ -1,0 +1,132 @@
+"""gatetune command line: parses arguments and calls one function per command.
+
+    gatetune train CONFIG [key=value ...] [--out DIR]     one fixed config, in-process
+    gatetune eval CHECKPOINT [data.root=...]              top-1/top-5/density/MACs on the validation split
+    gatetune layers MODEL                                 gate sites: name, aliases, C_in, C_out, dense MACs
+    gatetune search CONFIG [key=value ...] [--address A] [--name N] [--storage P]
+    gatetune resume RUN_DIR                               continue an interrupted search
+    gatetune report RUN_DIR [--csv F] [--markdown F]      density/accuracy table of a search
+
+User mistakes print one line (file, key, fix) and exit with status 2 before any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gatetune", description="Search and train dynamically gated CNNs.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train one fixed config in this process (no Ray)")
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.epochs=3")
+    t.add_argument("--out", help="run folder (default runs/<name>)")
+    t.add_argument("--quiet", action="store_true", help="no progress lines")
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint on the full validation split")
+    e.add_argument("checkpoint", help="a run folder's checkpoints/epoch_N.pt or a trial's checkpoint_N dir")
+    e.add_argument("overrides", nargs="*", metavar="data.key=value", help="e.g. data.root=/data/imagenet")
+
+    l = sub.add_parser("layers", help="list a model's gate sites")
+    l.add_argument("model")
+    l.add_argument("--num-classes", type=int, default=None)
+
+    s = sub.add_parser("search", help="run a Ray Tune search described by a YAML file")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", metavar="key=value")
+    s.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT (default: start Ray here)")
+    s.add_argument("--name", help="experiment name (default: the YAML's name)")
+    s.add_argument("--storage", help="parent folder or URI of the run folder (default: runs/)")
+    s.add_argument("--dashboard-host", default="127.0.0.1", help="interface for the local Ray dashboard")
+    s.add_argument("--verbose", action="store_true", help="also print Ray Tune's own status tables")
+
+    r = sub.add_parser("resume", help="continue an interrupted search")
+    r.add_argument("run_dir")
+    r.add_argument("--address")
+    r.add_argument("--dashboard-host", default="127.0.0.1")
+    r.add_argument("--verbose", action="store_true")
+
+    rp = sub.add_parser("report", help="density/accuracy table of a search folder (Ray need not run)")
+    rp.add_argument("run_dir")
+    rp.add_argument("--csv")
+    rp.add_argument("--markdown")
+    return p
+
+
+def _train(a) -> None:
+    from gatetune.tuning import config as C
+    from gatetune.tuning.run import train_run
+    cfg = C.load(a.config, a.overrides)
+    out, m = train_run(cfg, a.out or os.path.join("runs", cfg.name), progress=not a.quiet)
+    print(f"run folder: {out}")
+    print(f"top1: {m['top1']:.2f}%  top5: {m['top5']:.2f}%  density: {100 * m['density']:.2f}%  "
+          f"macs_ratio: {m['macs_ratio']:.3f}  epochs: {m['epoch']:g}" + ("  DIVERGED" if m["diverged"] else ""))
+
+
+def _eval(a) -> None:
+    from gatetune.tuning.run import eval_checkpoint
+    m = eval_checkpoint(a.checkpoint, a.overrides)
+    print(f"top1: {m['top1']:.2f}%, top5: {m['top5']:.2f}%, density: {100 * m['density']:.2f}%, "
+          f"macs: {m['macs']:.4g} ({100 * m['macs_ratio']:.1f}% of dense) [{m['images']} images]")
+
+
+def _layers(a) -> None:
+    from gatetune import models
+    from gatetune.tuning.errors import nearest
+    if a.model not in models.list_models():
+        raise models.ModelError(f"unknown model {a.model!r}; {nearest(a.model, models.list_models())}")
+    c_in, size = models.default_input(a.model)
+    rows = models.layers_table(a.model, num_classes=a.num_classes or 1000, in_channels=c_in, input_size=size)
+    print(f"{a.model} at {c_in}x{size}x{size}: {len(rows)} sites")
+    print(f"{'site':<24} {'aliases':<34} {'C_in':>6} {'C_out':>6} {'dense MACs':>12}")
+    for r in rows:
+        print(f"{r['site']:<24} {r['aliases'][:34]:<34} {r['c_in']:>6} {r['c_out']:>6} {r['dense_macs']:>12,}")
+
+
+def _search(a) -> None:
+    from gatetune.tuning import config as C
+    from gatetune.tuning.search import run_search
+    cfg = C.load(a.config, a.overrides)
+    run_search(cfg, address=a.address, name=a.name, storage=a.storage,
+               dashboard_host=a.dashboard_host, verbose=a.verbose)
+
+
+def _resume(a) -> None:
+    from gatetune.tuning.search import resume_search
+    resume_search(a.run_dir, address=a.address, dashboard_host=a.dashboard_host, verbose=a.verbose)
+
+
+def _report(a) -> None:
+    from gatetune import results
+    df = results.write_report(a.run_dir, csv=a.csv, markdown=a.markdown)
+    print(results.summary_markdown(df))
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from gatetune import models, results
+    from gatetune.tuning.data import DataError
+    from gatetune.tuning.errors import ConfigError
+    return ConfigError, models.ModelError, DataError, results.ReportError
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    try:
+        {"train": _train, "eval": _eval, "layers": _layers, "search": _search,
+         "resume": _resume, "report": _report}[a.command](a)
+    except _user_errors() as e:
+        print(f"gatetune {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""One typed config for a training run or a search, loaded from YAML.
+
+A config file may extend another with `_import: base.yaml` (paths relative to the importing file;
+the child's keys override the parent's, dicts merge, lists replace). Command-line overrides are
+dotted keys with YAML values, as in the 2018 notebook (`train.epochs=3 gating.gate=[conv1,conv2]`).
+The YAML key, the override, the config field and the report column are the same word.
+
+Everything is validated before any work starts: unknown keys (with the nearest valid key), types,
+ranges, model and site names, dataset roots, weight files. Each mistake is one `ConfigError` line
+naming the file, the key and the fix.
+
+    cfg = load("search_spaces/digits.yaml", ["train.epochs=3"])
+"""
+from __future__ import annotations
+
+__all__ = ["Config", "ModelCfg", "DataCfg", "GatingCfg", "SiteCfg", "TrainCfg", "OptimizerCfg",
+           "LrScheduleCfg", "SearchCfg", "SchedulerCfg", "ResourcesCfg", "load", "load_dict",
+           "parse_override", "set_dotted", "get_dotted", "config_keys", "site_specs", "to_dict",
+           "with_params"]
+
+import copy
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from gatetune.tuning.errors import ConfigError, nearest
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors (the notebook's `trainbale` was silently ignored); no str->number coercion.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+class ModelCfg(_Strict):
+    name: str = "digitnet"
+    """Network: digitnet, resnet20, mcifarnet, squeezenet_v11, mobilenet_v1, resnet18, vgg16_bn."""
+    weights: str | None = None
+    """Dense starting weights: a checkpoint file (a state dict), or `torchvision` (needs network)."""
+
+
+class DataCfg(_Strict):
+    dataset: Literal["digits", "cifar10", "cifar100", "imagenet", "fake"] = "digits"
+    """digits is bundled with scikit-learn (offline); cifar*/imagenet need `root`; fake is for tests."""
+    root: str | None = None
+    """Dataset folder (cifar: holds cifar-10-batches-py; imagenet: holds train/ and val/)."""
+    augment: bool = True
+    """Random crops/shifts (and flips on natural images) on the training split."""
+    image_size: int | None = Field(None, gt=0)
+    """Crop size for imagenet/fake (default 224 / 32)."""
+    workers: int = Field(4, ge=0)
+    """DataLoader workers for image folders (in-memory datasets need none)."""
+    fake_train: int = Field(256, gt=0)
+    fake_val: int = Field(64, gt=0)
+    fake_classes: int = Field(10, gt=1)
+
+
+class SiteCfg(_Strict):
+    """Per-site override of the gating defaults; unset fields keep the defaults."""
+    gate: bool | None = None
+    trainable: bool | None = None
+    density: float | None = Field(None, gt=0, le=1)
+    weight: float | None = Field(None, ge=0)
+
+
+class GatingCfg(_Strict):
+    policy: Literal["fbs", "mse"] = "fbs"
+    """fbs: saliency replaces BN's scale, L1 gate loss (the paper). mse: the notebook's `online: true`."""
+    density: float = Field(1.0, gt=0, le=1)
+    """Fraction of each gated layer's output channels kept per input (k = ceil(density * C_out))."""
+    weight: float = Field(1e-8, ge=0)
+    """Gate-loss weight (fbs: L1 of winners' saliencies, ~1e-8; mse: MSE weight, ~1e-4)."""
+    gate: str | list[str] = "all"
+    """Sites that gate: `all`, `none`, names, aliases (`fire6`), globs (`fire[6-9]`), ranges (`conv{9..13}`)."""
+    trainable: str | list[str] = "all"
+    """Sites whose conv/BN weights train (the predictors always train)."""
+    sites: dict[str, SiteCfg] = Field(default_factory=dict)
+    """Overrides per site pattern, e.g. {conv1: {density: 0.9}}."""
+
+
+class OptimizerCfg(_Strict):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0)
+    """Learning rate at batch_size (no automatic scaling)."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    nesterov: bool = True
+
+
+class LrScheduleCfg(_Strict):
+    name: Literal["step", "cosine", "constant"] = "step"
+    decay_epochs: int = Field(30, ge=1)
+    """step: multiply the rate by gamma every decay_epochs epochs (the notebook's decay_steps)."""
+    gamma: float = Field(0.1, gt=0, le=1)
+
+
+class TrainCfg(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    """Images per step (per GPU when a trial has several)."""
+    optimizer: OptimizerCfg = Field(default_factory=OptimizerCfg)
+    lr_schedule: LrScheduleCfg = Field(default_factory=LrScheduleCfg)
+    max_gate_loss: float = Field(1e3, gt=0)
+    """A gate loss above this (or NaN/inf) marks the run diverged and stops it."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    """bf16 autocast and channels-last on CUDA (ignored on CPU)."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads for torch (default: what Ray grants the trial, else torch's default)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Epoch checkpoints kept per run/trial (the newest ones)."""
+
+
+class SchedulerCfg(_Strict):
+    name: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1)
+    """Epochs every trial gets before ASHA may stop it."""
+    reduction_factor: int = Field(2, ge=2)
+    """ASHA keeps the top 1/reduction_factor at each rung."""
+
+
+class ResourcesCfg(_Strict):
+    cpu: float = Field(1, gt=0)
+    gpu: float = Field(0, ge=0)
+    """GPUs per trial; fractions share one GPU (no memory isolation)."""
+
+
+class SearchCfg(_Strict):
+    num_samples: int = Field(16, ge=1)
+    """Trials to run (grid values multiply this, as in Ray Tune)."""
+    metric: Literal["top1"] = "top1"
+    mode: Literal["max"] = "max"
+    sampler: Literal["tpe", "random"] = "tpe"
+    scheduler: SchedulerCfg = Field(default_factory=SchedulerCfg)
+    resources: ResourcesCfg = Field(default_factory=ResourcesCfg)
+    max_concurrent: int | None = Field(None, ge=1)
+    """Trials running at once (default: as many as the resources allow)."""
+    max_failures: int = Field(3, ge=0)
+    """Retries of a trial whose worker or node died; it resumes from its last epoch checkpoint."""
+    time_budget_s: float | None = Field(None, gt=0)
+
+
+class Config(_Strict):
+    name: str = "run"
+    """Run folder name: runs/<name>."""
+    seed: int = 0
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    gating: GatingCfg = Field(default_factory=GatingCfg)
+    train: TrainCfg = Field(default_factory=TrainCfg)
+    search: SearchCfg | None = None
+    """Present in search files (`gatetune search`)."""
+    space: dict[str, dict[str, Any]] | None = None
+    """Searched keys (dotted, as in overrides) -> a distribution, e.g. {gating.density: {choice: [0.25, 0.5]}}."""
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML loading: _import inheritance, dotted overrides, provenance for error messages
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
+    """Returns (merged dict, {dotted key: file that set it}) for `path` and everything it imports."""
+    if path in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, path))
+        raise ConfigError(f"_import cycle: {cycle}; remove one of these imports", file=str(chain[-1]), key="_import")
+    if not path.is_file():
+        where = str(chain[-1]) if chain else None
+        raise ConfigError(f"file not found: {path}; check the path", file=where, key="_import" if chain else None)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError:
+        raise ConfigError("not a text file (binary?); give a YAML config", file=str(path)) from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"YAML syntax error{at}: {problem}; fix the YAML", file=str(path)) from None
+    if data is None:
+        raise ConfigError("the file is empty; give at least `model:` or `_import:`", file=str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of keys at the top level, got {type(data).__name__}",
+                          file=str(path))
+    merged, sources = {}, {}
+    imports = data.pop("_import", None)
+    for imp in [imports] if isinstance(imports, str) else (imports or []):
+        if not isinstance(imp, str):
+            raise ConfigError(f"_import must be a file name or a list of them, got {imp!r}", file=str(path), key="_import")
+        parent, parent_src = _read_yaml((path.parent / imp).resolve(), (*chain, path))
+        _merge(merged, parent)
+        sources.update(parent_src)
+    _merge(merged, data)
+    sources.update({k: str(path) for k in _dotted_keys(data)})
+    return merged, sources
+
+
+def _merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = copy.deepcopy(v)
+
+
+def _dotted_keys(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        if isinstance(v, dict) and k != "space":
+            out += _dotted_keys(v, key + ".")
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`train.epochs=3` -> ("train.epochs", 3); the value is parsed as YAML (lists, numbers, null)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")) or " " in key:
+        raise ConfigError(f"malformed override {text!r}; write dotted.key=value, e.g. train.epochs=3",
+                          file="command line")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML; quote it or fix the brackets",
+                          file="command line", key=key) from None
+    return key, value
+
+
+def set_dotted(d: dict, key: str, value: Any) -> None:
+    """Set a dotted key; under `space.` the rest is one key (space keys are dotted config keys)."""
+    parts = key.split(".")
+    if parts[0] == "space" and len(parts) > 2:
+        parts = ["space", ".".join(parts[1:])]
+    for p in parts[:-1]:
+        if not isinstance(d.get(p), dict):
+            d[p] = {}
+        d = d[p]
+    d[parts[-1]] = value
+
+
+def get_dotted(d: dict, key: str, default: Any = None) -> Any:
+    for p in key.split("."):
+        if not isinstance(d, dict) or p not in d:
+            return default
+        d = d[p]
+    return d
+
+
+def config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Every dotted leaf key a config accepts (what `space:` keys and overrides may name)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        sub = _model_of(field.annotation)
+        if sub is not None and name not in ("space",):
+            keys += config_keys(sub, f"{prefix}{name}.")
+        elif name not in ("space", "sites"):
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _model_of(annotation) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: pydantic errors -> one line with file, key and fix
+
+_RANGE = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
+          "less_than_equal": "<= {le}"}
+_TYPES = {"float_type": "a number", "int_type": "an integer", "bool_type": "true or false",
+          "string_type": "a string", "dict_type": "a mapping", "list_type": "a list",
+          "model_type": "a mapping", "int_from_float": "an integer", "model_attributes_type": "a mapping"}
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """The valid keys of the config section that `loc` points into."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            field = model.model_fields.get(part)
+            if field is None:
+                return []
+            sub = _model_of(field.annotation)
+            model = sub if sub is not None else (SiteCfg if part == "sites" else None)
+        elif model is SiteCfg:   # a dict key (site pattern) inside gating.sites
+            continue
+        else:
+            return []
+    return list(model.model_fields) if isinstance(model, type) else []
+
+
+def _error_line(err: dict) -> tuple[str, str]:
+    loc = tuple(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[", "literal[")))
+    loc = tuple(p for p in loc if p not in ("str", "list[str]", "float", "int", "bool", "none"))
+    key = ".".join(loc)
+    kind, got = err["type"], err.get("input")
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return key, f"unknown key {loc[-1]!r}; {nearest(loc[-1], _fields_at(loc))}"
+    if kind in _RANGE:
+        return key, f"must be {_RANGE[kind].format(**ctx)}, got {got!r}; change the value"
+    if kind == "literal_error":
+        return key, f"{got!r} is not one of {ctx.get('expected')}; {nearest(got, _literal_options(ctx))}"
+    if kind in _TYPES:
+        return key, f"must be {_TYPES[kind]}, got {got!r} ({type(got).__name__}); change the value"
+    return key, f"{err['msg']} (got {got!r}); change the value"
+
+
+def _literal_options(ctx: dict) -> list[str]:
+    return [s.strip().strip("'") for s in str(ctx.get("expected", "")).replace(" or ", ",").split(",") if s.strip()]
+
+
+def _source(key: str, sources: dict[str, str]) -> str | None:
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in sources:
+            return sources[".".join(parts[:n])]
+    return None
+
+
+def load_dict(raw: dict, sources: dict[str, str] | None = None, default_file: str | None = None) -> Config:
+    """Validate a nested dict into a Config (types, ranges, names); raises ConfigError."""
+    sources = sources or {}
+    try:
+        cfg = Config.model_validate(raw)
+    except pydantic.ValidationError as e:
+        # Report the first error only: one line, and fixing it usually fixes the rest.
+        errs = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
+        key, msg = _error_line(errs[0])
+        raise ConfigError(msg, file=_source(key, sources) or default_file, key=key) from None
+    _check_names(cfg, lambda key: _source(key, sources) or default_file)
+    return cfg
+
+
+def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (with _import), apply dotted overrides, validate everything."""
+    path = Path(path)
+    raw, sources = _read_yaml(path.resolve(), ())
+    sources = {k: str(path) if v == str(path.resolve()) else _rel(v) for k, v in sources.items()}
+    for text in overrides:
+        key, value = parse_override(text)
+        set_dotted(raw, key, value)
+        sources[key] = f"command line override {text!r}"
+    raw.setdefault("name", path.stem)
+    return load_dict(raw, sources, default_file=str(path))
+
+
+def _rel(p: str) -> str:
+    try:
+        return os.path.relpath(p)
+    except ValueError:
+        return p
+
+
+def _check_names(cfg: Config, file_of) -> None:
+    """Names that only the models/data layers know: model, sites, dataset root, weights."""
+    from gatetune import models
+    from gatetune.tuning import data as data_mod
+
+    def fail(key: str, msg: str):
+        raise ConfigError(msg, file=file_of(key), key=key)
+
+    if cfg.model.name not in models.list_models():
+        fail("model.name", f"unknown model {cfg.model.name!r}; {nearest(cfg.model.name, models.list_models())}")
+    try:
+        site_specs(cfg)
+    except models.ModelError as e:
+        fail(getattr(e, "_gatetune_key", "gating.gate"), str(e))
+    w = cfg.model.weights
+    if w is not None and w != "torchvision" and not Path(w).is_file():
+        fail("model.weights", f"weights file not found: {w}; give a checkpoint path or `torchvision`")
+    try:
+        data_mod.check(data_spec(cfg))
+    except data_mod.DataError as e:
+        fail("data.root" if cfg.data.root is not None or "root" in str(e) else "data.dataset", str(e))
+    if cfg.search is not None and cfg.search.scheduler.grace_period > cfg.train.epochs:
+        fail("search.scheduler.grace_period",
+             f"grace period {cfg.search.scheduler.grace_period} is above train.epochs={cfg.train.epochs}; "
+             "lower it or train longer")
+
+
+def data_spec(cfg: Config):
+    from gatetune.tuning.data import DataSpec
+    d = cfg.data
+    return DataSpec(dataset=d.dataset, root=d.root, augment=d.augment, image_size=d.image_size,
+                    workers=d.workers, fake_train=d.fake_train, fake_val=d.fake_val,
+                    fake_classes=d.fake_classes)
+
+
+def site_specs(cfg: Config) -> dict:
+    """{canonical site: SiteSpec} from gating.gate / gating.trainable / gating.sites."""
+    from gatetune import models
+    g, name = cfg.gating, cfg.model.name
+
+    def resolve(key: str, patterns):
+        try:
+            return models.resolve_sites(name, patterns)
+        except models.ModelError as e:
+            e._gatetune_key = key
+            raise
+
+    gated = set(resolve("gating.gate", g.gate))
+    trainable = set(resolve("gating.trainable", g.trainable))
+    specs = {s: models.SiteSpec(gate=s in gated, trainable=s in trainable, density=g.density, weight=g.weight)
+             for s in models.site_names(name)}
+    for pattern, over in g.sites.items():
+        for s in resolve(f"gating.sites.{pattern}", pattern):
+            specs[s] = dataclasses.replace(specs[s], **over.model_dump(exclude_none=True))
+    return specs
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (YAML/JSON-safe) of a config."""
+    return cfg.model_dump(mode="json")
+
+
+def with_params(cfg: Config, params: dict[str, Any]) -> Config:
+    """A copy of `cfg` with dotted keys set (one trial of a search); validated again."""
+    raw = to_dict(cfg)
+    for k, v in params.items():
+        set_dotted(raw, k, v)
+    return load_dict(raw, {k: "search space" for k in params})

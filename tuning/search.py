@@ -1,0 +1,327 @@
+"""`gatetune search` / `gatetune resume`: a Ray Tune search over a YAML space.
+
+    Tuner(trainable with resources, OptunaSearch(define-by-run space, TPE, seeded, SQLite study),
+          ASHA on top1 with time attribute `epoch` (or FIFO),
+          RunConfig(storage/name, FailureConfig(max_failures), CheckpointConfig(keep best N + latest)))
+
+Everything the user can get wrong is checked before a trial starts: the config and space, the Ray
+address, whether any node can hold one trial's resources (Ray would leave it PENDING forever), and,
+on a multi-node cluster, whether every node sees the run folder (node-local storage loses
+checkpoints when a node dies). The run folder is Ray's experiment folder plus `gatetune.yaml`
+(the resolved config), `optuna.db` (the study, for optuna-dashboard), `decisions.jsonl` (why trials
+were stopped) and, at the end, report.csv / report.md / pareto.png.
+"""
+from __future__ import annotations
+
+__all__ = ["run_search", "resume_search", "prepare"]
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+from gatetune.tuning import config as C
+from gatetune.tuning import space as S
+from gatetune.tuning.errors import ConfigError
+
+_BASE_FILE = "gatetune.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# validation (no Ray needed)
+
+def prepare(cfg: C.Config, file: str = "config") -> tuple[dict, list[S.Param]]:
+    """Check the search/space sections; returns (base config dict with absolute paths, params)."""
+    if cfg.search is None:
+        raise ConfigError("no `search:` section; add one (see search_spaces/quickstart.yaml) or use "
+                          "`gatetune train` for a fixed config", file=file, key="search")
+    params = S.parse_space(cfg.space or {}, C.config_keys(), file)
+    base = C.to_dict(cfg)
+    for key in ("data.root", "model.weights"):   # trials chdir away: make paths absolute here
+        v = C.get_dotted(base, key)
+        if v and v != "torchvision" and "://" not in v:
+            C.set_dotted(base, key, os.path.abspath(v))
+    for p in params:   # every value a trial could take must be a valid config value
+        for v in (p.args if p.kind in ("choice", "grid") else p.args[:2]):
+            try:
+                C.with_params(C.load_dict(base), {p.key: v})
+            except ConfigError as e:
+                raise ConfigError(f"value {v!r} is invalid: {str(e).split(': ', 2)[-1]}",
+                                  file=file, key=f"space.{p.key}") from None
+    return base, params
+
+
+def _run_dir(storage: str | None, name: str) -> str:
+    storage = storage or "runs"
+    if "://" in storage:
+        return storage.rstrip("/") + "/" + name
+    return os.path.join(os.path.abspath(os.path.expanduser(storage)), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray: connect, check the cluster
+
+def _init_ray(address: str | None, dashboard_host: str) -> None:
+    import ray
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if ray.is_initialized():
+        return
+    if address and address != "auto":
+        _check_reachable(address)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(address="local", dashboard_host=dashboard_host, log_to_driver=False,
+                     include_dashboard=None)
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ConfigError(f"cannot reach a Ray cluster at {address!r} ({msg}); start one with "
+                          "`ray start --head` or fix the address", file="command line", key="--address") from None
+
+
+def _check_reachable(address: str) -> None:
+    """A plain TCP connect first: ray.init waits minutes on an address where nothing listens."""
+    import socket
+    host, _, port = address.split("://")[-1].rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            return
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot reach a Ray cluster at {address!r} ({e}); start one with "
+                          "`ray start --head` on that machine or fix the address (HOST:PORT, ray://HOST:10001 "
+                          "or auto)", file="command line", key="--address") from None
+
+
+def _check_resources(req: dict) -> None:
+    import ray
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    fits = [n for n in nodes if n["Resources"].get("CPU", 0) >= req["cpu"] and n["Resources"].get("GPU", 0) >= req["gpu"]]
+    if not fits:
+        have = ", ".join(f"{n['NodeManagerAddress']}: {n['Resources'].get('CPU', 0):g} CPU "
+                         f"{n['Resources'].get('GPU', 0):g} GPU" for n in nodes)
+        raise ConfigError(f"no node can run a trial needing {req['cpu']:g} CPU and {req['gpu']:g} GPU "
+                          f"(nodes: {have}); lower search.resources or add a node", key="search.resources")
+
+
+def _check_shared_storage(run_dir: str) -> None:
+    """Every alive node must see the run folder, or a dead node's checkpoints are lost."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2 or "://" in run_dir:
+        return
+    marker = os.path.join(run_dir, ".gatetune_marker")
+    Path(marker).write_text(str(time.time()))
+
+    @ray.remote(num_cpus=0)
+    def sees(path):
+        return os.path.exists(path)
+
+    checks = {n["NodeManagerAddress"]: sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(marker) for n in nodes}
+    blind = [addr for addr, ref in checks.items() if not ray.get(ref, timeout=60)]
+    if blind:
+        raise ConfigError(f"nodes {', '.join(blind)} cannot see {run_dir}: node-local storage loses checkpoints "
+                          "when a node dies; pass --storage on a shared filesystem (NFS) or s3://bucket/path",
+                          key="--storage")
+
+
+# ---------------------------------------------------------------------------------------------
+# console output: one line per trial result, in the notebook's style
+
+class _Console(Callback):
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        tag = " DIVERGED" if result.get("diverged") else ""
+        print(f"{trial.trial_id} epoch: {result.get('epoch', 0):5.2f}/{self.epochs} | gate.loss: "
+              f"{result.get('gate_loss', 0):.4g} | gate: {100 * result.get('density', 1):6.2f}% | "
+              f"top1: {result.get('top1', 0):6.2f}% | top5: {result.get('top5', 0):6.2f}% | "
+              f"{result.get('images_per_s', 0):6.0f} img/s{tag}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"{trial.trial_id} ERROR (see error.txt in its trial folder)", flush=True)
+
+
+class _RecordingASHA(ASHAScheduler):
+    """ASHA that appends each early stop to RUN_DIR/decisions.jsonl (ASHA-stopped trials look TERMINATED)."""
+
+    def __init__(self, log: str | None, **kw):
+        super().__init__(**kw)
+        self.log = log
+
+    def on_trial_result(self, tune_controller, trial, result):
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and result.get("epoch", 0) < self._max_t and self.log:
+            with open(self.log, "a") as f:
+                f.write(json.dumps({"trial_id": trial.trial_id, "stopped_by": "asha",
+                                    "epoch": result.get("epoch"), "top1": result.get("top1")}) + "\n")
+        return action
+
+
+def _scheduler(cfg: C.Config, run_dir: str):
+    s = cfg.search.scheduler
+    if s.name == "fifo":
+        return FIFOScheduler()
+    log = os.path.join(run_dir, "decisions.jsonl") if "://" not in run_dir else None
+    return _RecordingASHA(log, time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.grace_period,
+                          reduction_factor=s.reduction_factor)
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"   # short: the report's checkpoint column shows it
+
+
+def _trainable(cfg: C.Config, base: dict):
+    from ray import tune
+    from gatetune.tuning.trainable import trial
+    r = cfg.search.resources
+    return tune.with_resources(tune.with_parameters(trial, base=base), {"cpu": r.cpu, "gpu": r.gpu})
+
+
+def _concurrency(cfg: C.Config) -> int:
+    import ray
+    if cfg.search.max_concurrent:
+        return cfg.search.max_concurrent
+    r, have = cfg.search.resources, ray.cluster_resources()
+    n = have.get("CPU", 1) // r.cpu
+    if r.gpu:
+        n = min(n, have.get("GPU", 0) // r.gpu)
+    return max(1, int(n))
+
+
+def _tuner(cfg: C.Config, base: dict, params: list[S.Param], run_dir: str, verbose: bool):
+    import optuna
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+    srch = cfg.search
+    sampler = (optuna.samplers.TPESampler(seed=cfg.seed) if srch.sampler == "tpe"
+               else optuna.samplers.RandomSampler(seed=cfg.seed))
+    storage = None
+    if "://" not in run_dir:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(run_dir, 'optuna.db')}")
+    searcher = OptunaSearch(S.define_by_run(params, base), metric=srch.metric, mode=srch.mode, sampler=sampler,
+                            storage=storage, study_name=cfg.name)
+    parent, name = run_dir.rstrip("/").rsplit("/", 1)
+    return tune.Tuner(
+        _trainable(cfg, base),
+        tune_config=tune.TuneConfig(
+            metric=srch.metric, mode=srch.mode, search_alg=searcher, scheduler=_scheduler(cfg, run_dir),
+            num_samples=_expected(cfg, params), max_concurrent_trials=_concurrency(cfg),
+            reuse_actors=True, time_budget_s=srch.time_budget_s,
+            trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(
+            name=name, storage_path=parent, verbose=2 if verbose else 0,
+            failure_config=tune.FailureConfig(max_failures=srch.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                                    checkpoint_score_attribute="top1",
+                                                    checkpoint_score_order="max"),
+            callbacks=[_Console(cfg.train.epochs)]),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# entry points
+
+def _banner(run_dir: str) -> None:
+    import ray
+    ctx = ray.get_runtime_context()
+    url = getattr(ray, "_private", None) and ray._private.worker.get_dashboard_url()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    res = ray.cluster_resources()
+    print(f"ray: {nodes} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU; "
+          f"dashboard: {'http://' + url if url else 'off'}"
+          + (" (token: `ray get-auth-token`)" if os.environ.get("RAY_AUTH_MODE") == "token" else ""))
+    print(f"run folder: {run_dir}", flush=True)
+    del ctx
+
+
+def _finish(run_dir: str, results, cfg: C.Config, started: float, expected: int) -> None:
+    if "://" in run_dir:
+        print(f"\nsearch ended after {time.time() - started:.0f} s; run `gatetune report` on a local copy of {run_dir}")
+        return
+    from gatetune import results as R
+    df = R.write_report(run_dir)
+    unfinished = int(df["status"].isin(["running", "pending"]).sum()) + max(0, expected - len(df))
+    if unfinished:
+        print(f"\nsearch interrupted after {time.time() - started:.0f} s: {unfinished} of {expected} trials "
+              f"unfinished; continue with `gatetune resume {run_dir}`")
+    else:
+        print(f"\nsearch finished in {time.time() - started:.0f} s: {len(df)} trials, "
+              f"{int((df['status'] == 'error').sum())} errors, {int((df['status'] == 'diverged').sum())} diverged")
+        _rung_summary(results, cfg)
+    print(R.summary_markdown(df))
+    print(f"\nreport: {os.path.join(run_dir, 'report.csv')}, report.md, pareto.png")
+
+
+def _rung_summary(results, cfg: C.Config) -> None:
+    """How many trials reached each ASHA rung (grace * rf^k epochs) and how many were stopped early."""
+    s = cfg.search.scheduler
+    epochs = [r.metrics.get("epoch", 0) for r in results if r.metrics]
+    if s.name != "asha" or not epochs:
+        return
+    rungs, m = [], s.grace_period
+    while m < cfg.train.epochs:
+        rungs.append(m)
+        m *= s.reduction_factor
+    rungs.append(cfg.train.epochs)
+    reached = ", ".join(f"{sum(e >= r for e in epochs)} reached epoch {r:g}" for r in rungs)
+    early = sum(e < cfg.train.epochs for e in epochs)
+    print(f"ASHA: {reached}; {early} of {len(epochs)} stopped early")
+
+
+def _expected(cfg: C.Config, params: list[S.Param]) -> int:
+    return cfg.search.num_samples * S.grid_size(params)
+
+
+def run_search(cfg: C.Config, *, address: str | None = None, name: str | None = None, storage: str | None = None,
+               dashboard_host: str = "127.0.0.1", verbose: bool = False, file: str = "config") -> str:
+    if name:
+        cfg = cfg.model_copy(update={"name": name})
+    base, params = prepare(cfg, file)
+    run_dir = _run_dir(storage, cfg.name)
+    if "://" not in run_dir and (Path(run_dir) / _BASE_FILE).exists():
+        raise ConfigError(f"already holds a search; continue it with `gatetune resume {run_dir}` "
+                          "or pass --name NEW", file=run_dir)
+    _init_ray(address, dashboard_host)
+    r = cfg.search.resources
+    _check_resources({"cpu": r.cpu, "gpu": r.gpu})
+    if "://" not in run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        _check_shared_storage(run_dir)
+        (Path(run_dir) / _BASE_FILE).write_text(yaml.safe_dump(base, sort_keys=False))
+    _banner(run_dir)
+    started = time.time()
+    results = _tuner(cfg, base, params, run_dir, verbose).fit()
+    _finish(run_dir, results, cfg, started, _expected(cfg, params))
+    return run_dir
+
+
+def resume_search(run_dir: str, *, address: str | None = None, dashboard_host: str = "127.0.0.1",
+                  verbose: bool = False) -> str:
+    """Continue an interrupted search: finished trials kept, unfinished ones resume from checkpoints."""
+    from ray import tune
+    run_dir = os.path.abspath(run_dir) if "://" not in run_dir else run_dir
+    base_file = Path(run_dir) / _BASE_FILE
+    if not base_file.is_file() or not (Path(run_dir) / "tuner.pkl").is_file():
+        raise ConfigError("not a gatetune search folder (needs gatetune.yaml and tuner.pkl); give the folder "
+                          "`gatetune search` printed as 'run folder'", file=run_dir)
+    base = yaml.safe_load(base_file.read_text())
+    cfg = C.load_dict(base, default_file=str(base_file))
+    _init_ray(address, dashboard_host)
+    _banner(run_dir)
+    started = time.time()
+    tuner = tune.Tuner.restore(run_dir, trainable=_trainable(cfg, base), resume_unfinished=True,
+                               resume_errored=True)
+    results = tuner.fit()
+    _finish(run_dir, results, cfg, started, _expected(cfg, S.parse_space(cfg.space or {}, C.config_keys(), str(base_file))))
+    return run_dir

@@ -1,0 +1,57 @@
+"""The Ray Tune trainable: one trial = the training loop of `tuning/train.py` on one sampled config.
+
+Each epoch reports the metrics of DESIGN.md with a checkpoint (`tune.report(metrics, checkpoint=...)`).
+A trial restarted after its node or worker died gets its latest checkpoint from `tune.get_checkpoint()`
+and continues after that epoch. Imports come from `ray.tune` only (ray.train's report is Train V2 and
+fails inside Tune).
+"""
+from __future__ import annotations
+
+__all__ = ["trial"]
+
+import os
+import tempfile
+
+import torch
+
+from gatetune.tuning import checkpoint as ckpt
+from gatetune.tuning import config as C
+
+_DATA_CACHE: dict = {}   # reuse_actors keeps this process alive across trials: load a dataset once
+
+
+def _data(cfg: C.Config, device: torch.device):
+    from gatetune.tuning.data import load
+    spec = C.data_spec(cfg)
+    key = (repr(spec), str(device), cfg.seed)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE.clear()
+        _DATA_CACHE[key] = load(spec, device, seed=cfg.seed)
+    return _DATA_CACHE[key]
+
+
+def trial(config: dict, base: dict) -> None:
+    """config: the sampled dotted keys; base: the resolved search config (a dict)."""
+    from ray import tune
+    import ray
+
+    from gatetune.tuning.train import fit, pick_device
+
+    cfg = C.with_params(C.load_dict(base), config)
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(cfg.train.threads or max(1, int(cpus)))
+    device = pick_device(cfg, gpu_granted=bool(ray.get_gpu_ids()))
+    resume = None
+    if (checkpoint := tune.get_checkpoint()) is not None:
+        with checkpoint.as_directory() as d:
+            resume = ckpt.read(os.path.join(d, ckpt.CKPT_NAME))
+
+    def report(metrics: dict, state: dict | None) -> None:
+        if state is None:   # diverged: report without a checkpoint; the trial then ends
+            tune.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            ckpt.save_atomic(state, os.path.join(d, ckpt.CKPT_NAME))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    fit(cfg, report, resume=resume, device=device, data=_data(cfg, device))
