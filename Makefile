@@ -18,11 +18,16 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Multi-process / multi-node scenarios and the digits accuracy targets (CI runs these too).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+# A real search on the bundled digits data, on a local Ray; a new run folder each time.
 demo: $(STAMP)
-	$(BIN)/gatetune train search_spaces/digits.yaml
+	$(BIN)/gatetune search search_spaces/quickstart.yaml --name quickstart-$$(date +%Y%m%d-%H%M%S)
+
+bench: $(STAMP)
+	$(BIN)/python bench/gate_overhead.py
 
 clean:
 	rm -rf runs build *.egg-info

@@ -32,8 +32,9 @@ STATE_GLOB = "experiment_state-*.json"
 STATUSES = ("completed", "stopped", "running", "pending", "diverged", "error")
 
 _CHECKPOINT = re.compile(r"checkpoint_(\d+)")
-# Trial ids inside Ray's trial folder names: `<5 hex>_<5 digits>` (grid/random), `<8 hex>` (searchers).
-_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5}|[0-9a-f]{8})_\d+_")
+# Trial ids inside Ray's trial folder names: `<5 hex>_<5 digits>` (grid/random), `<8 hex>` (searchers);
+# gatetune's searches name trial folders `trial_<id>`.
+_TRIAL_ID = re.compile(r"(?:^trial_|_)([0-9a-f]{5}_\d{5}|[0-9a-f]{8})(?:_\d+_|$)")
 
 
 class ReportError(ValueError):

@@ -18,7 +18,8 @@ TINY = ["train.epochs=2", "search.num_samples=4", "search.scheduler.grace_period
 
 def test_tiny_search_and_report(ray_local, tmp_path, capsys):
     cfg = C.load(QUICK, TINY)
-    run_dir = run_search(cfg, storage=str(tmp_path), name="tiny")
+    run_dir, ok = run_search(cfg, storage=str(tmp_path), name="tiny")
+    assert ok
     out = capsys.readouterr().out
     assert f"run folder: {run_dir}" in out and "| network " in out
     assert "epoch:  1.00/2 | gate.loss:" in out          # one compact line per trial result

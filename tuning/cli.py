@@ -92,13 +92,17 @@ def _search(a) -> None:
     from gatetune.tuning import config as C
     from gatetune.tuning.search import run_search
     cfg = C.load(a.config, a.overrides)
-    run_search(cfg, address=a.address, name=a.name, storage=a.storage,
-               dashboard_host=a.dashboard_host, verbose=a.verbose)
+    run_dir, ok = run_search(cfg, address=a.address, name=a.name, storage=a.storage,
+                             dashboard_host=a.dashboard_host, verbose=a.verbose)
+    if not ok:
+        raise SystemExit(1)
 
 
 def _resume(a) -> None:
     from gatetune.tuning.search import resume_search
-    resume_search(a.run_dir, address=a.address, dashboard_host=a.dashboard_host, verbose=a.verbose)
+    _, ok = resume_search(a.run_dir, address=a.address, dashboard_host=a.dashboard_host, verbose=a.verbose)
+    if not ok:
+        raise SystemExit(1)
 
 
 def _report(a) -> None:

@@ -18,15 +18,17 @@ __all__ = ["Config", "ModelCfg", "DataCfg", "GatingCfg", "SiteCfg", "TrainCfg", 
            "parse_override", "set_dotted", "get_dotted", "config_keys", "site_specs", "to_dict",
            "with_params"]
 
+import collections.abc
 import copy
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from gatetune.tuning.errors import ConfigError, nearest
 
@@ -156,10 +158,42 @@ class Config(_Strict):
     """Present in search files (`gatetune search`)."""
     space: dict[str, dict[str, Any]] | None = None
     """Searched keys (dotted, as in overrides) -> a distribution, e.g. {gating.density: {choice: [0.25, 0.5]}}."""
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    def source(self, key: str, default: str = "config") -> str:
+        """The file (or command-line override) that set a dotted key, for error messages."""
+        return _source(key, self._sources) or default
 
 
 # ---------------------------------------------------------------------------------------------
 # YAML loading: _import inheritance, dotted overrides, provenance for error messages
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (PyYAML keeps the last one silently) and reads 1e-6 as
+    a float (YAML 1.1 wants 1.0e-6; everyone writes 1e-6)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, collections.abc.Hashable):
+                break   # PyYAML's own check reports "found unhashable key"
+            if key in seen and key != "<<":
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (the second would silently replace the first)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
 
 def _read_yaml(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
     """Returns (merged dict, {dotted key: file that set it}) for `path` and everything it imports."""
@@ -171,13 +205,14 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str
         raise ConfigError(f"file not found: {path}; check the path", file=where, key="_import" if chain else None)
     try:
         text = path.read_text(encoding="utf-8")
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except UnicodeDecodeError:
         raise ConfigError("not a text file (binary?); give a YAML config", file=str(path)) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        problem = "; ".join(p for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p) \
+            or str(e).splitlines()[0]
         raise ConfigError(f"YAML syntax error{at}: {problem}; fix the YAML", file=str(path)) from None
     if data is None:
         raise ConfigError("the file is empty; give at least `model:` or `_import:`", file=str(path))
@@ -186,6 +221,9 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str
                           file=str(path))
     merged, sources = {}, {}
     imports = data.pop("_import", None)
+    if imports is not None and not isinstance(imports, (str, list)):
+        raise ConfigError(f"_import must be a file name or a list of them, got {imports!r}", file=str(path),
+                          key="_import")
     for imp in [imports] if isinstance(imports, str) else (imports or []):
         if not isinstance(imp, str):
             raise ConfigError(f"_import must be a file name or a list of them, got {imp!r}", file=str(path), key="_import")
@@ -222,7 +260,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"malformed override {text!r}; write dotted.key=value, e.g. train.epochs=3",
                           file="command line")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"override {text!r}: the value is not valid YAML; quote it or fix the brackets",
                           file="command line", key=key) from None
@@ -283,17 +321,15 @@ _TYPES = {"float_type": "a number", "int_type": "an integer", "bool_type": "true
 def _fields_at(loc: tuple) -> list[str]:
     """The valid keys of the config section that `loc` points into."""
     model: Any = Config
-    for part in loc[:-1]:
-        if isinstance(model, type) and issubclass(model, BaseModel):
-            field = model.model_fields.get(part)
-            if field is None:
-                return []
-            sub = _model_of(field.annotation)
-            model = sub if sub is not None else (SiteCfg if part == "sites" else None)
-        elif model is SiteCfg:   # a dict key (site pattern) inside gating.sites
-            continue
-        else:
+    parts = list(loc[:-1])
+    while parts:
+        part = parts.pop(0)
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        if field is None:
             return []
+        model = _model_of(field.annotation)
+        if part == "sites" and parts:   # dict[str, SiteCfg]: the next part is a site pattern
+            parts.pop(0)
     return list(model.model_fields) if isinstance(model, type) else []
 
 
@@ -320,7 +356,9 @@ def _literal_options(ctx: dict) -> list[str]:
 
 def _source(key: str, sources: dict[str, str]) -> str | None:
     parts = key.split(".")
-    for n in range(len(parts), 0, -1):
+    if parts[0] == "space" and len(parts) > 2:   # space keys are dotted config keys
+        parts = ["space", ".".join(parts[1:])]
+    for n in range(len(parts), -1, -1):
         if ".".join(parts[:n]) in sources:
             return sources[".".join(parts[:n])]
     return None
@@ -336,6 +374,9 @@ def load_dict(raw: dict, sources: dict[str, str] | None = None, default_file: st
         errs = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")
         key, msg = _error_line(errs[0])
         raise ConfigError(msg, file=_source(key, sources) or default_file, key=key) from None
+    cfg._sources = {k: v for k, v in sources.items()}
+    if default_file:
+        cfg._sources.setdefault("", default_file)
     _check_names(cfg, lambda key: _source(key, sources) or default_file)
     return cfg
 
@@ -375,8 +416,21 @@ def _check_names(cfg: Config, file_of) -> None:
     except models.ModelError as e:
         fail(getattr(e, "_gatetune_key", "gating.gate"), str(e))
     w = cfg.model.weights
-    if w is not None and w != "torchvision" and not Path(w).is_file():
-        fail("model.weights", f"weights file not found: {w}; give a checkpoint path or `torchvision`")
+    if w == "torchvision":
+        from gatetune.models.registry import entry
+        if entry(cfg.model.name).torchvision_weights is None:
+            have = [m for m in models.list_models() if entry(m).torchvision_weights]
+            fail("model.weights", f"{cfg.model.name} has no torchvision weights (only {', '.join(have)}); "
+                                  "give a dense checkpoint path or null")
+    elif w is not None:
+        _check_weights_file(w, lambda msg: fail("model.weights", msg))
+    if cfg.train.device == "cuda":
+        import torch
+        if cfg.search is not None and cfg.search.resources.gpu == 0:
+            fail("train.device", "trials get no GPU (search.resources.gpu is 0); set search.resources.gpu "
+                                 "or train.device=auto")
+        if cfg.search is None and not torch.cuda.is_available():
+            fail("train.device", "no CUDA GPU on this machine; use train.device=auto (or cpu)")
     try:
         data_mod.check(data_spec(cfg))
     except data_mod.DataError as e:
@@ -385,6 +439,24 @@ def _check_names(cfg: Config, file_of) -> None:
         fail("search.scheduler.grace_period",
              f"grace period {cfg.search.scheduler.grace_period} is above train.epochs={cfg.train.epochs}; "
              "lower it or train longer")
+
+
+def _check_weights_file(path: str, fail) -> None:
+    """Readable as tensors only (weights_only: a weights file must not run code when loaded)."""
+    import torch
+    if not Path(path).is_file():
+        fail(f"weights file not found: {path}; give a checkpoint path or `torchvision`")
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:   # not the zip format: mmap is impossible, read it whole
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        fail(f"cannot read weights file {path} as a state dict of tensors; save it with "
+             "torch.save(model.state_dict(), path)")
+    if not isinstance(obj, dict):
+        fail(f"weights file {path} holds a {type(obj).__name__}, not a state dict; save it with "
+             "torch.save(model.state_dict(), path)")
 
 
 def data_spec(cfg: Config):

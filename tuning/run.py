@@ -30,34 +30,36 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _prepare(cfg: C.Config, out: Path) -> dict | None:
-    """Create or re-open a run folder; returns the checkpoint to resume from (None: fresh start)."""
+def _check_resumable(cfg: C.Config, out: Path) -> dict | None:
+    """The checkpoint to resume from in `out` (None: fresh start); refuses a folder of another config."""
     saved = out / "config.yaml"
-    new = C.to_dict(cfg)
-    if saved.is_file():
-        old = yaml.safe_load(saved.read_text()) or {}
-        # Only the epoch count may change between a run and its continuation.
-        diff = [k for k in config_diff(old, new) if k != "train.epochs"]
-        if diff:
-            raise ConfigError(f"holds a run of a different config (differs at {', '.join(diff[:3])}); "
-                              "use --out NEW_DIR or another name=, or delete the folder", file=str(out))
-    out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(yaml.safe_dump(new, sort_keys=False))
+    if not saved.is_file():
+        return None
+    old = yaml.safe_load(saved.read_text()) or {}
+    # Only the epoch count may change between a run and its continuation.
+    diff = [k for k in config_diff(old, C.to_dict(cfg)) if k != "train.epochs"]
+    if diff:
+        raise ConfigError(f"holds a run of a different config (differs at {', '.join(diff[:3])}); "
+                          "use --out NEW_DIR or another name=, or delete the folder", file=str(out))
     return ckpt.RunFolder(out, cfg.train.keep_checkpoints).latest()
 
 
 def train_run(cfg: C.Config, out: str | Path, progress: bool = True) -> tuple[Path, dict]:
-    """Train cfg into run folder `out` (resuming if it holds checkpoints); returns (folder, last metrics)."""
+    """Train cfg into run folder `out` (resuming if it holds checkpoints); returns (folder, last metrics).
+
+    The folder is created with the first epoch's checkpoint, so a config that fails while the data or
+    the model is built leaves nothing behind."""
     out = Path(out)
-    resume = _prepare(cfg, out)
+    resume = _check_resumable(cfg, out)
     folder = ckpt.RunFolder(out, cfg.train.keep_checkpoints)
     if resume is not None and resume["epoch"] >= cfg.train.epochs:
         return out, resume["history"][-1]
-
     rows = list((resume or {}).get("history", []))
 
     def on_epoch(metrics: dict, state: dict | None):
         nonlocal rows
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
         if state is not None:
             rows = state["history"]
             folder.save(state, rows)

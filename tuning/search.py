@@ -28,7 +28,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from gatetune.tuning import config as C
 from gatetune.tuning import space as S
-from gatetune.tuning.errors import ConfigError
+from gatetune.tuning.errors import ConfigError, nearest
 
 _BASE_FILE = "gatetune.yaml"
 
@@ -36,25 +36,50 @@ _BASE_FILE = "gatetune.yaml"
 # ---------------------------------------------------------------------------------------------
 # validation (no Ray needed)
 
-def prepare(cfg: C.Config, file: str = "config") -> tuple[dict, list[S.Param]]:
+def prepare(cfg: C.Config, file: str | None = None) -> tuple[dict, list[S.Param]]:
     """Check the search/space sections; returns (base config dict with absolute paths, params)."""
+    where = (lambda key: file or cfg.source(key))
     if cfg.search is None:
         raise ConfigError("no `search:` section; add one (see search_spaces/quickstart.yaml) or use "
-                          "`gatetune train` for a fixed config", file=file, key="search")
-    params = S.parse_space(cfg.space or {}, C.config_keys(), file)
+                          "`gatetune train` for a fixed config", file=where("search"), key="search")
+    params = []
+    for key, spec in (cfg.space or {}).items():   # one at a time: each key may come from another file
+        params += S.parse_space({key: spec}, C.config_keys(), where(f"space.{key}"))
     base = C.to_dict(cfg)
     for key in ("data.root", "model.weights"):   # trials chdir away: make paths absolute here
         v = C.get_dotted(base, key)
         if v and v != "torchvision" and "://" not in v:
             C.set_dotted(base, key, os.path.abspath(v))
     for p in params:   # every value a trial could take must be a valid config value
-        for v in (p.args if p.kind in ("choice", "grid") else p.args[:2]):
-            try:
-                C.with_params(C.load_dict(base), {p.key: v})
-            except ConfigError as e:
-                raise ConfigError(f"value {v!r} is invalid: {str(e).split(': ', 2)[-1]}",
-                                  file=file, key=f"space.{p.key}") from None
+        _check_values(base, p, where(f"space.{p.key}"))
     return base, params
+
+
+def _check_values(base: dict, p: S.Param, file: str) -> None:
+    if p.kind in ("choice", "grid"):
+        values = p.args
+    elif p.kind == "int":
+        values = p.args
+    else:   # uniform/loguniform give floats anywhere in between: the midpoint stands for them
+        values = (*p.args, (p.args[0] + p.args[1]) / 2)
+    for v in values:
+        try:
+            C.with_params(C.load_dict(base), {p.key: v})
+        except ConfigError as e:
+            hint = f"; {p.kind} gives floats: use int: [{p.args[0]}, {p.args[1]}]" \
+                if p.kind in ("uniform", "loguniform") and "integer" in str(e) else ""
+            raise ConfigError(f"value {v!r} is invalid: {str(e).split(': ', 2)[-1]}{hint}",
+                              file=file, key=f"space.{p.key}") from None
+    for k, vals in p.when.items():
+        if k not in C.config_keys() and k not in {q for q in (base.get("space") or {})}:
+            raise ConfigError(f"`when` names {k!r}, not a config key; {nearest(k, C.config_keys())}",
+                              file=file, key=f"space.{p.key}.when")
+        for v in vals:
+            try:
+                C.with_params(C.load_dict(base), {k: list(v) if isinstance(v, tuple) else v})
+            except ConfigError as e:
+                raise ConfigError(f"`when` value {v!r} for {k} can never occur: {str(e).split(': ', 2)[-1]}",
+                                  file=file, key=f"space.{p.key}.when") from None
 
 
 def _run_dir(storage: str | None, name: str) -> str:
@@ -245,10 +270,11 @@ def _banner(run_dir: str) -> None:
     del ctx
 
 
-def _finish(run_dir: str, results, cfg: C.Config, started: float, expected: int) -> None:
+def _finish(run_dir: str, results, cfg: C.Config, started: float, expected: int) -> bool:
+    """Print the summary and write the report; False when every trial errored."""
     if "://" in run_dir:
         print(f"\nsearch ended after {time.time() - started:.0f} s; run `gatetune report` on a local copy of {run_dir}")
-        return
+        return results.num_errors < len(results)
     from gatetune import results as R
     df = R.write_report(run_dir)
     unfinished = int(df["status"].isin(["running", "pending"]).sum()) + max(0, expected - len(df))
@@ -261,6 +287,10 @@ def _finish(run_dir: str, results, cfg: C.Config, started: float, expected: int)
         _rung_summary(results, cfg)
     print(R.summary_markdown(df))
     print(f"\nreport: {os.path.join(run_dir, 'report.csv')}, report.md, pareto.png")
+    if len(df) and (df["status"] == "error").all():
+        print(f"every trial failed: see error.txt in the trial folders of {run_dir}")
+        return False
+    return True
 
 
 def _rung_summary(results, cfg: C.Config) -> None:
@@ -284,7 +314,9 @@ def _expected(cfg: C.Config, params: list[S.Param]) -> int:
 
 
 def run_search(cfg: C.Config, *, address: str | None = None, name: str | None = None, storage: str | None = None,
-               dashboard_host: str = "127.0.0.1", verbose: bool = False, file: str = "config") -> str:
+               dashboard_host: str = "127.0.0.1", verbose: bool = False,
+               file: str | None = None) -> tuple[str, bool]:
+    """Run the search; returns (run folder, False if every trial errored)."""
     if name:
         cfg = cfg.model_copy(update={"name": name})
     base, params = prepare(cfg, file)
@@ -302,12 +334,11 @@ def run_search(cfg: C.Config, *, address: str | None = None, name: str | None = 
     _banner(run_dir)
     started = time.time()
     results = _tuner(cfg, base, params, run_dir, verbose).fit()
-    _finish(run_dir, results, cfg, started, _expected(cfg, params))
-    return run_dir
+    return run_dir, _finish(run_dir, results, cfg, started, _expected(cfg, params))
 
 
 def resume_search(run_dir: str, *, address: str | None = None, dashboard_host: str = "127.0.0.1",
-                  verbose: bool = False) -> str:
+                  verbose: bool = False) -> tuple[str, bool]:
     """Continue an interrupted search: finished trials kept, unfinished ones resume from checkpoints."""
     from ray import tune
     run_dir = os.path.abspath(run_dir) if "://" not in run_dir else run_dir
@@ -323,5 +354,5 @@ def resume_search(run_dir: str, *, address: str | None = None, dashboard_host: s
     tuner = tune.Tuner.restore(run_dir, trainable=_trainable(cfg, base), resume_unfinished=True,
                                resume_errored=True)
     results = tuner.fit()
-    _finish(run_dir, results, cfg, started, _expected(cfg, S.parse_space(cfg.space or {}, C.config_keys(), str(base_file))))
-    return run_dir
+    _, params = prepare(cfg, str(base_file))
+    return run_dir, _finish(run_dir, results, cfg, started, _expected(cfg, params))

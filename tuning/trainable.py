@@ -7,15 +7,18 @@ fails inside Tune).
 """
 from __future__ import annotations
 
-__all__ = ["trial"]
+__all__ = ["trial", "resume_state"]
 
 import os
 import tempfile
+import warnings
+from pathlib import Path
 
 import torch
 
 from gatetune.tuning import checkpoint as ckpt
 from gatetune.tuning import config as C
+from gatetune.tuning.errors import ConfigError
 
 _DATA_CACHE: dict = {}   # reuse_actors keeps this process alive across trials: load a dataset once
 
@@ -28,6 +31,19 @@ def _data(cfg: C.Config, device: torch.device):
         _DATA_CACHE.clear()
         _DATA_CACHE[key] = load(spec, device, seed=cfg.seed)
     return _DATA_CACHE[key]
+
+
+def resume_state(checkpoint_dir: str) -> dict | None:
+    """The state in a trial's checkpoint dir; if it is corrupt, the newest readable sibling
+    (checkpoint_00000N beside it), else None (the trial starts over rather than failing forever)."""
+    here = Path(checkpoint_dir)
+    siblings = sorted(here.parent.glob("checkpoint_*"), reverse=True)
+    for d in [here, *[s for s in siblings if s.name < here.name]]:
+        try:
+            return ckpt.read(d / ckpt.CKPT_NAME)
+        except ConfigError as e:
+            warnings.warn(f"{e}; trying the previous checkpoint")
+    return None
 
 
 def trial(config: dict, base: dict) -> None:
@@ -44,7 +60,7 @@ def trial(config: dict, base: dict) -> None:
     resume = None
     if (checkpoint := tune.get_checkpoint()) is not None:
         with checkpoint.as_directory() as d:
-            resume = ckpt.read(os.path.join(d, ckpt.CKPT_NAME))
+            resume = resume_state(d)
 
     def report(metrics: dict, state: dict | None) -> None:
         if state is None:   # diverged: report without a checkpoint; the trial then ends
