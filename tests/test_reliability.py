@@ -33,6 +33,7 @@ def _epochs(trial_dir: Path) -> list[float]:
     return [json.loads(line)["epoch"] for line in open(trial_dir / "result.json") if line.strip()]
 
 
+@pytest.mark.slow
 def test_worker_node_dies_mid_trial(tmp_path):
     """Two nodes on loopback, a trial on each; the worker node is killed after both have checkpoints."""
     import ray
@@ -77,6 +78,7 @@ def test_worker_node_dies_mid_trial(tmp_path):
         assert ep[-1] == 4.0 and len(ep) - len(set(ep)) <= 1      # at most one epoch ran twice
 
 
+@pytest.mark.slow
 def test_driver_sigkill_then_resume(tmp_path):
     run_dir = tmp_path / "crash"
     cmd = [*GATETUNE, "search", QUICK, "train.epochs=3", "search.num_samples=4", "search.scheduler.name=fifo",

@@ -12,7 +12,7 @@ from gatetune.tuning.search import run_search
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "search_spaces", "quickstart.yaml")
-TINY = ["train.epochs=2", "search.num_samples=4", "search.scheduler.grace_period=1",
+TINY = ["train.epochs=3", "train.keep_checkpoints=1", "search.num_samples=4", "search.scheduler.grace_period=1",
         "space.gating.gate={choice: [all, [conv5, conv6]]}"]
 
 
@@ -22,7 +22,7 @@ def test_tiny_search_and_report(ray_local, tmp_path, capsys):
     assert ok
     out = capsys.readouterr().out
     assert f"run folder: {run_dir}" in out and "| network " in out
-    assert "epoch:  1.00/2 | gate.loss:" in out          # one compact line per trial result
+    assert "epoch:  1.00/3 | gate.loss:" in out          # one compact line per trial result
     df = pd.read_csv(os.path.join(run_dir, "report.csv"))
     assert len(df) == 4 and df["trial_id"].is_unique
     assert set(df["status"]) <= {"completed", "stopped"}
@@ -34,6 +34,12 @@ def test_tiny_search_and_report(ray_local, tmp_path, capsys):
     assert abs(best["density"] - best["target_density"]) <= 0.02 or best["gated_layers"] != "all"
     assert os.path.isfile(os.path.join(run_dir, "optuna.db"))
     assert os.path.isfile(os.path.join(run_dir, "pareto.png"))
+    # disk is capped: the best train.keep_checkpoints plus the newest per trial; the report says the size
+    for d in os.listdir(run_dir):
+        if d.startswith("trial_"):
+            kept = [c for c in os.listdir(os.path.join(run_dir, d)) if c.startswith("checkpoint_")]
+            assert 1 <= len(kept) <= cfg.train.keep_checkpoints + 1
+    assert "run folder size" in open(os.path.join(run_dir, "report.md")).read()
 
     # the report works on a copy, with Ray not involved
     copy = tmp_path / "copied"

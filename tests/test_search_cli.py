@@ -28,6 +28,7 @@ def _report(run_dir) -> pd.DataFrame:
     return pd.read_csv(os.path.join(run_dir, "report.csv"))
 
 
+@pytest.mark.slow
 def test_search_joins_cluster_started_with_ray_start(tmp_path):
     port = _free_port()
     ray = os.path.join(BIN, "ray")
@@ -46,6 +47,7 @@ def test_search_joins_cluster_started_with_ray_start(tmp_path):
     assert len(df) == 2 and set(df["status"]) == {"completed"}
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_resume_finishes_every_trial_once(tmp_path):
     run_dir = tmp_path / "s"
     cmd = [*GATETUNE, "search", QUICK, "train.epochs=3", "search.num_samples=5",
@@ -59,6 +61,7 @@ def test_ctrl_c_then_resume_finishes_every_trial_once(tmp_path):
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=180)
     assert "gatetune resume" in out, out[-3000:]
+    assert "dashboard: http://127.0.0.1:" in out        # the dashboard is bound to loopback by default
     before = set(_report(run_dir)["trial_id"])
     assert 0 < len(before) < 5
 

@@ -118,11 +118,16 @@ class TrainCfg(_Strict):
 
 
 class SchedulerCfg(_Strict):
-    name: Literal["asha", "fifo"] = "asha"
+    name: Literal["asha", "asha_by_density", "fifo"] = "asha"
+    """asha: one ASHA on top-1; asha_by_density: an ASHA per density bucket; fifo: every trial to the end."""
     grace_period: int = Field(1, ge=1)
     """Epochs every trial gets before ASHA may stop it."""
     reduction_factor: int = Field(2, ge=2)
     """ASHA keeps the top 1/reduction_factor at each rung."""
+    density_bins: int = Field(4, ge=1)
+    """asha_by_density with a continuous gating.density range: this many equal-width buckets."""
+    off_target_tolerance: float | None = Field(0.05, gt=0)
+    """asha_by_density: stop a trial whose achieved density is further than this from its target."""
 
 
 class ResourcesCfg(_Strict):

@@ -24,11 +24,12 @@ from pathlib import Path
 
 import yaml
 from ray.tune import Callback
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import FIFOScheduler
 
 from gatetune.tuning import config as C
 from gatetune.tuning import space as S
 from gatetune.tuning.errors import ConfigError, nearest
+from gatetune.tuning.schedulers import DensityStratifiedASHA, RecordingASHA
 
 _BASE_FILE = "gatetune.yaml"
 
@@ -177,29 +178,28 @@ class _Console(Callback):
         print(f"{trial.trial_id} ERROR (see error.txt in its trial folder)", flush=True)
 
 
-class _RecordingASHA(ASHAScheduler):
-    """ASHA that appends each early stop to RUN_DIR/decisions.jsonl (ASHA-stopped trials look TERMINATED)."""
-
-    def __init__(self, log: str | None, **kw):
-        super().__init__(**kw)
-        self.log = log
-
-    def on_trial_result(self, tune_controller, trial, result):
-        action = super().on_trial_result(tune_controller, trial, result)
-        if action == TrialScheduler.STOP and result.get("epoch", 0) < self._max_t and self.log:
-            with open(self.log, "a") as f:
-                f.write(json.dumps({"trial_id": trial.trial_id, "stopped_by": "asha",
-                                    "epoch": result.get("epoch"), "top1": result.get("top1")}) + "\n")
-        return action
-
-
-def _scheduler(cfg: C.Config, run_dir: str):
+def _scheduler(cfg: C.Config, run_dir: str, params: list[S.Param]):
     s = cfg.search.scheduler
     if s.name == "fifo":
         return FIFOScheduler()
     log = os.path.join(run_dir, "decisions.jsonl") if "://" not in run_dir else None
-    return _RecordingASHA(log, time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.grace_period,
-                          reduction_factor=s.reduction_factor)
+    common = dict(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.grace_period,
+                  reduction_factor=s.reduction_factor)
+    if s.name == "asha":
+        return RecordingASHA(log, **common)
+    return DensityStratifiedASHA(_density_buckets(cfg, params), default=cfg.gating.density,
+                                 tolerance=s.off_target_tolerance, log=log, **common)
+
+
+def _density_buckets(cfg: C.Config, params: list[S.Param]) -> list[float]:
+    """The `choice`/`grid` values of gating.density, or the centres of density_bins equal bins of its range."""
+    p = next((p for p in params if p.key == "gating.density"), None)
+    if p is None:
+        return [cfg.gating.density]
+    if p.kind in ("choice", "grid"):
+        return [float(v) for v in p.args]
+    lo, hi, n = p.args[0], p.args[1], cfg.search.scheduler.density_bins
+    return [lo + (hi - lo) * (i + 0.5) / n for i in range(n)]
 
 
 def _trial_dirname(trial) -> str:
@@ -240,7 +240,7 @@ def _tuner(cfg: C.Config, base: dict, params: list[S.Param], run_dir: str, verbo
     return tune.Tuner(
         _trainable(cfg, base),
         tune_config=tune.TuneConfig(
-            metric=srch.metric, mode=srch.mode, search_alg=searcher, scheduler=_scheduler(cfg, run_dir),
+            metric=srch.metric, mode=srch.mode, search_alg=searcher, scheduler=_scheduler(cfg, run_dir, params),
             num_samples=_expected(cfg, params), max_concurrent_trials=_concurrency(cfg),
             reuse_actors=True, time_budget_s=srch.time_budget_s,
             trial_dirname_creator=_trial_dirname),
@@ -270,13 +270,14 @@ def _banner(run_dir: str) -> None:
     del ctx
 
 
-def _finish(run_dir: str, results, cfg: C.Config, started: float, expected: int) -> bool:
+def _finish(run_dir: str, results, cfg: C.Config, started: float, params: list[S.Param]) -> bool:
     """Print the summary and write the report; False when every trial errored."""
     if "://" in run_dir:
         print(f"\nsearch ended after {time.time() - started:.0f} s; run `gatetune report` on a local copy of {run_dir}")
         return results.num_errors < len(results)
     from gatetune import results as R
     df = R.write_report(run_dir)
+    expected = _expected(cfg, params)
     unfinished = int(df["status"].isin(["running", "pending"]).sum()) + max(0, expected - len(df))
     if unfinished:
         print(f"\nsearch interrupted after {time.time() - started:.0f} s: {unfinished} of {expected} trials "
@@ -284,7 +285,7 @@ def _finish(run_dir: str, results, cfg: C.Config, started: float, expected: int)
     else:
         print(f"\nsearch finished in {time.time() - started:.0f} s: {len(df)} trials, "
               f"{int((df['status'] == 'error').sum())} errors, {int((df['status'] == 'diverged').sum())} diverged")
-        _rung_summary(results, cfg)
+        _rung_summary(results, cfg, params)
     print(R.summary_markdown(df))
     print(f"\nreport: {os.path.join(run_dir, 'report.csv')}, report.md, pareto.png")
     if len(df) and (df["status"] == "error").all():
@@ -293,20 +294,26 @@ def _finish(run_dir: str, results, cfg: C.Config, started: float, expected: int)
     return True
 
 
-def _rung_summary(results, cfg: C.Config) -> None:
-    """How many trials reached each ASHA rung (grace * rf^k epochs) and how many were stopped early."""
+def _rung_summary(results, cfg: C.Config, params: list[S.Param]) -> None:
+    """How many trials reached each ASHA rung (grace * rf^k epochs), per density bucket when stratified."""
     s = cfg.search.scheduler
-    epochs = [r.metrics.get("epoch", 0) for r in results if r.metrics]
-    if s.name != "asha" or not epochs:
+    if s.name == "fifo":
         return
     rungs, m = [], s.grace_period
     while m < cfg.train.epochs:
         rungs.append(m)
         m *= s.reduction_factor
     rungs.append(cfg.train.epochs)
-    reached = ", ".join(f"{sum(e >= r for e in epochs)} reached epoch {r:g}" for r in rungs)
-    early = sum(e < cfg.train.epochs for e in epochs)
-    print(f"ASHA: {reached}; {early} of {len(epochs)} stopped early")
+    buckets = _density_buckets(cfg, params) if s.name == "asha_by_density" else [None]
+    for b in buckets:
+        epochs = [r.metrics.get("epoch", 0) for r in results if r.metrics and (b is None or b == min(
+            buckets, key=lambda x: abs(x - float(r.config.get("gating.density", cfg.gating.density)))))]
+        if not epochs:
+            continue
+        reached = ", ".join(f"{sum(e >= r for e in epochs)} reached epoch {r:g}" for r in rungs)
+        early = sum(e < cfg.train.epochs for e in epochs)
+        label = "ASHA" if b is None else f"ASHA density {b:g}"
+        print(f"{label}: {reached}; {early} of {len(epochs)} stopped early")
 
 
 def _expected(cfg: C.Config, params: list[S.Param]) -> int:
@@ -334,7 +341,7 @@ def run_search(cfg: C.Config, *, address: str | None = None, name: str | None = 
     _banner(run_dir)
     started = time.time()
     results = _tuner(cfg, base, params, run_dir, verbose).fit()
-    return run_dir, _finish(run_dir, results, cfg, started, _expected(cfg, params))
+    return run_dir, _finish(run_dir, results, cfg, started, params)
 
 
 def resume_search(run_dir: str, *, address: str | None = None, dashboard_host: str = "127.0.0.1",
@@ -355,4 +362,4 @@ def resume_search(run_dir: str, *, address: str | None = None, dashboard_host: s
                                resume_errored=True)
     results = tuner.fit()
     _, params = prepare(cfg, str(base_file))
-    return run_dir, _finish(run_dir, results, cfg, started, _expected(cfg, params))
+    return run_dir, _finish(run_dir, results, cfg, started, params)

@@ -1,0 +1,96 @@
+"""Density-stratified ASHA against plain ASHA, driven directly (no Ray cluster): the same trials, the
+same results in the same asynchronous order, and lower density learning slower, as it does."""
+from types import SimpleNamespace
+
+import pytest
+from ray.tune.schedulers import TrialScheduler
+
+from gatetune.tuning.schedulers import DensityStratifiedASHA, RecordingASHA
+
+DENSITIES = (0.25, 0.5, 0.75, 1.0)
+MAX_T = 8
+
+
+def _top1(density: float, epoch: int, i: int) -> float:
+    # fewer channels learn slower; a little per-trial spread
+    return 100 - 60 / (1 + epoch * density) + (i % 3) * 0.1
+
+
+def _run(scheduler, n_trials: int = 16, achieved=lambda d: d, order=DENSITIES) -> tuple[dict, list]:
+    """Trials start two at a time (2 CPUs); each reports once per epoch until stopped or MAX_T.
+    Densities arrive cycling through `order` (ASHA always lets the very first trials through: its
+    rungs are empty then)."""
+    trials = [SimpleNamespace(trial_id=f"t{i:02d}", config={"gating.density": order[i % 4]}) for i in range(n_trials)]
+    reached, stops = {}, []
+    for t in trials:
+        scheduler.on_trial_add(None, t)
+    queue = list(trials)
+    running = [queue.pop(0), queue.pop(0)]
+    epoch = {t.trial_id: 0 for t in trials}
+    while running:
+        t = min(running, key=lambda r: (epoch[r.trial_id], r.trial_id))   # the laggard reports next
+        epoch[t.trial_id] += 1
+        e, d = epoch[t.trial_id], t.config["gating.density"]
+        action = scheduler.on_trial_result(None, t, {"epoch": float(e), "top1": _top1(d, e, int(t.trial_id[1:])),
+                                                     "density": achieved(d)})
+        if action == TrialScheduler.STOP or e >= MAX_T:
+            scheduler.on_trial_complete(None, t, {"epoch": float(e), "top1": 0.0})
+            running.remove(t)
+            reached[t.trial_id] = (d, e)
+            if action == TrialScheduler.STOP and e < MAX_T:
+                stops.append(t.trial_id)
+            if queue:
+                running.append(queue.pop(0))
+    return reached, stops
+
+
+def _full_by_bucket(reached: dict) -> dict:
+    return {d: sum(1 for dd, e in reached.values() if dd == d and e >= MAX_T) for d in DENSITIES}
+
+
+def _schedulers():
+    kw = dict(time_attr="epoch", metric="top1", mode="max", max_t=MAX_T, grace_period=1, reduction_factor=2)
+    return RecordingASHA(**kw), DensityStratifiedASHA(DENSITIES, **kw)
+
+
+@pytest.mark.parametrize("order", [DENSITIES[::-1], DENSITIES])
+def test_plain_asha_starves_low_density_and_stratified_does_not(order):
+    plain, strat = _schedulers()
+    full_plain = _full_by_bucket(_run(plain, order=order)[0])
+    full_strat = _full_by_bucket(_run(strat, order=order)[0])
+    if order[0] == 1.0:   # dense trials first, as in the demo's search: low density never gets through
+        assert full_plain[0.25] == 0, full_plain
+    assert all(n >= 1 for n in full_strat.values()), full_strat   # every density has a full-length trial
+    assert sum(full_strat.values()) < 16                           # and it still stops trials early
+
+
+def test_buckets_nearest_and_rungs():
+    _, strat = _schedulers()
+    assert strat.bucket(0.3) == 0.25 and strat.bucket(0.9) == 1.0
+    _run(strat)
+    rungs = strat.rungs()
+    assert sorted(rungs) == list(DENSITIES)
+    assert [m for m, _ in rungs[0.25]] == [1, 2, 4, 8]
+
+
+def test_off_target_trials_are_stopped_and_recorded(tmp_path):
+    log = tmp_path / "decisions.jsonl"
+    strat = DensityStratifiedASHA(DENSITIES, time_attr="epoch", metric="top1", mode="max", max_t=MAX_T,
+                                  grace_period=1, reduction_factor=2, tolerance=0.05, log=str(log))
+    reached, stops = _run(strat, n_trials=4, achieved=lambda d: min(1.0, d + 0.2))   # density misses its target
+    assert set(stops) == {"t00", "t01", "t02"}                     # 1.0 -> 1.0 is on target
+    assert '"stopped_by": "off_target"' in log.read_text()
+
+
+@pytest.mark.parametrize("name", ["asha", "asha_by_density", "fifo"])
+def test_scheduler_from_config(tmp_path, name):
+    from gatetune.tuning import config as C
+    from gatetune.tuning import space as S
+    from gatetune.tuning.search import _density_buckets, _scheduler
+    cfg = C.Config(search={"scheduler": {"name": name}},
+                   space={"gating.density": {"uniform": [0.2, 1.0]}})
+    params = S.parse_space(cfg.space, C.config_keys(), "x.yaml")
+    sched = _scheduler(cfg, str(tmp_path), params)
+    assert type(sched).__name__ == {"asha": "RecordingASHA", "asha_by_density": "DensityStratifiedASHA",
+                                    "fifo": "FIFOScheduler"}[name]
+    assert _density_buckets(cfg, params) == pytest.approx([0.3, 0.5, 0.7, 0.9])
