@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo demo-pareto bench clean
 install: $(STAMP)
 
 test: $(STAMP)
@@ -25,6 +25,10 @@ test-slow: $(STAMP)
 # A real search on the bundled digits data, on a local Ray; a new run folder each time.
 demo: $(STAMP)
 	$(BIN)/gatetune search search_spaces/quickstart.yaml --name quickstart-$$(date +%Y%m%d-%H%M%S)
+
+# The density/accuracy curve: NSGA-II on (top-1, MACs) with density-stratified ASHA; writes pareto.png.
+demo-pareto: $(STAMP)
+	$(BIN)/gatetune search search_spaces/pareto.yaml --name pareto-$$(date +%Y%m%d-%H%M%S)
 
 bench: $(STAMP)
 	$(BIN)/python bench/gate_overhead.py

@@ -22,6 +22,13 @@ def test_import_inheritance_and_overrides(tmp_path):
     assert cfg.name == "child"
 
 
+def test_import_replaces_space_distributions_whole(tmp_path):
+    write(tmp_path, "base.yaml", "search: {}\nspace: {gating.density: {choice: [0.5]}, gating.weight: {loguniform: [1.0e-8, 1.0e-6]}}\n")
+    child = write(tmp_path, "child.yaml", "_import: base.yaml\nspace: {gating.density: {grid: [0.25, 1.0]}}\n")
+    cfg = C.load(child)
+    assert cfg.space == {"gating.density": {"grid": [0.25, 1.0]}, "gating.weight": {"loguniform": [1e-8, 1e-6]}}
+
+
 def test_site_specs_from_patterns(tmp_path):
     p = write(tmp_path, "c.yaml", "gating: {gate: [conv1, conv2], trainable: none, density: 0.5, "
                                   "sites: {conv2: {density: 0.25}}}\n")

@@ -94,3 +94,18 @@ def test_scheduler_from_config(tmp_path, name):
     assert type(sched).__name__ == {"asha": "RecordingASHA", "asha_by_density": "DensityStratifiedASHA",
                                     "fifo": "FIFOScheduler"}[name]
     assert _density_buckets(cfg, params) == pytest.approx([0.3, 0.5, 0.7, 0.9])
+
+
+def test_multi_objective_config():
+    import optuna
+    from gatetune.tuning import config as C
+    from gatetune.tuning.errors import ConfigError
+    from gatetune.tuning.search import _objectives, _sampler
+    cfg = C.Config(search={"objectives": [{"top1": "max"}, {"macs_ratio": "min"}],
+                           "scheduler": {"name": "asha_by_density"}})
+    assert _objectives(cfg) == (["top1", "macs_ratio"], ["max", "min"])
+    assert isinstance(_sampler(cfg), optuna.samplers.NSGAIISampler)
+    with pytest.raises(ConfigError, match="plain asha ranks trials on top-1 alone"):
+        C.load_dict({"search": {"objectives": [{"top1": "max"}, {"macs_ratio": "min"}]}})
+    with pytest.raises(ConfigError, match="two or more objectives"):
+        C.load_dict({"search": {"objectives": [{"top1": "max"}], "scheduler": {"name": "fifo"}}})

@@ -141,7 +141,12 @@ class SearchCfg(_Strict):
     """Trials to run (grid values multiply this, as in Ray Tune)."""
     metric: Literal["top1"] = "top1"
     mode: Literal["max"] = "max"
-    sampler: Literal["tpe", "random"] = "tpe"
+    objectives: list[dict[Literal["top1", "top5", "macs_ratio", "macs", "density", "loss"],
+                          Literal["max", "min"]]] | None = None
+    """Multi-objective search, e.g. [{top1: max}, {macs_ratio: min}]: Optuna's NSGA-II proposes configs
+    (unless sampler says otherwise); the scheduler must be asha_by_density or fifo."""
+    sampler: Literal["tpe", "random", "nsga2"] | None = None
+    """Optuna sampler, seeded with `seed`: tpe (default), random, nsga2 (default with objectives)."""
     scheduler: SchedulerCfg = Field(default_factory=SchedulerCfg)
     resources: ResourcesCfg = Field(default_factory=ResourcesCfg)
     max_concurrent: int | None = Field(None, ge=1)
@@ -240,10 +245,11 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str
     return merged, sources
 
 
-def _merge(dst: dict, src: dict) -> None:
+def _merge(dst: dict, src: dict, whole: bool = False) -> None:
+    """Deep merge; under `space:` each key's distribution is replaced whole, not merged."""
     for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _merge(dst[k], v)
+        if isinstance(v, dict) and isinstance(dst.get(k), dict) and not whole:
+            _merge(dst[k], v, whole=k == "space")
         else:
             dst[k] = copy.deepcopy(v)
 
@@ -440,6 +446,13 @@ def _check_names(cfg: Config, file_of) -> None:
         data_mod.check(data_spec(cfg))
     except data_mod.DataError as e:
         fail("data.root" if cfg.data.root is not None or "root" in str(e) else "data.dataset", str(e))
+    if cfg.search is not None and cfg.search.objectives is not None:
+        objs = cfg.search.objectives
+        if len(objs) < 2 or any(len(o) != 1 for o in objs):
+            fail("search.objectives", "give two or more objectives, one per item: [{top1: max}, {macs_ratio: min}]")
+        if cfg.search.scheduler.name == "asha":
+            fail("search.scheduler.name", "plain asha ranks trials on top-1 alone, which a multi-objective "
+                                          "search must not; use asha_by_density or fifo")
     if cfg.search is not None and cfg.search.scheduler.grace_period > cfg.train.epochs:
         fail("search.scheduler.grace_period",
              f"grace period {cfg.search.scheduler.grace_period} is above train.epochs={cfg.train.epochs}; "

@@ -178,13 +178,13 @@ class _Console(Callback):
         print(f"{trial.trial_id} ERROR (see error.txt in its trial folder)", flush=True)
 
 
-def _scheduler(cfg: C.Config, run_dir: str, params: list[S.Param]):
+def _scheduler(cfg: C.Config, run_dir: str, params: list[S.Param], **metric_mode):
     s = cfg.search.scheduler
     if s.name == "fifo":
         return FIFOScheduler()
     log = os.path.join(run_dir, "decisions.jsonl") if "://" not in run_dir else None
     common = dict(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.grace_period,
-                  reduction_factor=s.reduction_factor)
+                  reduction_factor=s.reduction_factor, **metric_mode)
     if s.name == "asha":
         return RecordingASHA(log, **common)
     return DensityStratifiedASHA(_density_buckets(cfg, params), default=cfg.gating.density,
@@ -224,23 +224,43 @@ def _concurrency(cfg: C.Config) -> int:
     return max(1, int(n))
 
 
+def _objectives(cfg: C.Config) -> tuple:
+    """(metric, mode) for OptunaSearch: strings, or lists for a multi-objective search."""
+    objs = cfg.search.objectives
+    if not objs:
+        return cfg.search.metric, cfg.search.mode
+    return [k for o in objs for k in o], [v for o in objs for v in o.values()]
+
+
+def _sampler(cfg: C.Config):
+    import optuna
+    name = cfg.search.sampler or ("nsga2" if cfg.search.objectives else "tpe")
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=cfg.seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=cfg.seed)
+    # NSGA-II's default population (50) would make a small search all random first generation
+    return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=max(4, min(50, cfg.search.num_samples // 4)))
+
+
 def _tuner(cfg: C.Config, base: dict, params: list[S.Param], run_dir: str, verbose: bool):
     import optuna
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
     srch = cfg.search
-    sampler = (optuna.samplers.TPESampler(seed=cfg.seed) if srch.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=cfg.seed))
     storage = None
     if "://" not in run_dir:
         storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(run_dir, 'optuna.db')}")
-    searcher = OptunaSearch(S.define_by_run(params, base), metric=srch.metric, mode=srch.mode, sampler=sampler,
+    metric, mode = _objectives(cfg)
+    searcher = OptunaSearch(S.define_by_run(params, base), metric=metric, mode=mode, sampler=_sampler(cfg),
                             storage=storage, study_name=cfg.name)
+    multi = isinstance(metric, list)   # TuneConfig takes one metric; the scheduler gets top1 itself
     parent, name = run_dir.rstrip("/").rsplit("/", 1)
     return tune.Tuner(
         _trainable(cfg, base),
         tune_config=tune.TuneConfig(
-            metric=srch.metric, mode=srch.mode, search_alg=searcher, scheduler=_scheduler(cfg, run_dir, params),
+            metric=None if multi else metric, mode=None if multi else mode, search_alg=searcher,
+            scheduler=_scheduler(cfg, run_dir, params, **({"metric": srch.metric, "mode": srch.mode} if multi else {})),
             num_samples=_expected(cfg, params), max_concurrent_trials=_concurrency(cfg),
             reuse_actors=True, time_budget_s=srch.time_budget_s,
             trial_dirname_creator=_trial_dirname),
