@@ -1,0 +1,17 @@
+"""gatetune.models: dynamically gated CNNs (FBS, Gao et al., ICLR 2019) and their MAC accounting.
+
+    from gatetune.models import build, SiteSpec, resolve_sites
+    sites = {s: SiteSpec(gate=True, density=0.5, weight=1e-8) for s in resolve_sites("resnet20", "layer3")}
+    net = build("resnet20", num_classes=10, in_channels=3, input_size=32, sites=sites)
+    logits = net(x); loss = ce(logits, y) + net.gate_loss()
+    with net.count_macs() as m: net(x)          # m.macs, m.dense_macs, m.ratio
+"""
+from gatetune.models.errors import ModelError
+from gatetune.models.sites import SiteSpec
+from gatetune.models.registry import default_input, layers_table, list_models, resolve_sites, site_names
+from gatetune.models import nets  # noqa: F401  (registers the networks)
+from gatetune.models.gate import POLICIES, GatedConv2d, active_count
+from gatetune.models.gated_net import GatedNet, build
+
+__all__ = ["ModelError", "SiteSpec", "GatedNet", "GatedConv2d", "build", "list_models", "site_names",
+           "resolve_sites", "layers_table", "default_input", "active_count", "POLICIES"]

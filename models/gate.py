@@ -1,0 +1,168 @@
+"""The gated convolution: Feature Boosting and Suppression (FBS, Gao et al., ICLR 2019, arXiv 1810.05331)
+and the 2018 notebook's `online: true` regression gate.
+
+A GatedConv2d replaces `conv` (+ the BatchNorm2d right after it) of a plain network. The activation
+module stays in the network: for ReLU/ReLU6, act(mask * y) == mask * act(y) and act(0) == 0, so
+suppressed channels leave the activation exactly 0.
+
+Shapes: x (N, C_in, H, W) -> out (N, C_out, H', W'); saliency s, mask (N, C_out).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gatetune.models.gate_ops import bn_scale_shift, mean_abs
+
+__all__ = ["GatedConv2d", "active_count", "POLICIES"]
+
+POLICIES = ("fbs", "mse")
+# Without BN, s multiplies the raw conv output and W.x grows with the activation scale, so s * y can grow
+# layer over layer: a randomly initialised SqueezeNet 1.1 overflows to inf by fire6 with the default
+# weight scale, and stays finite at density 1.0 and 0.5 with 0.1.
+_NO_BN_WEIGHT_SCALE = 0.1
+
+
+def active_count(density: float, channels: int) -> int:
+    """k = ceil(density * C), at least 1. The 1e-9 absorbs float error: ceil(0.7 * 10) is 7, not 8."""
+    return max(1, min(channels, math.ceil(density * channels - 1e-9)))
+
+
+class GatedConv2d(nn.Module):
+    """Per-sample winner-take-all channel gating of one conv (+BN).
+
+    Saliency predictor: s = ReLU(Linear(mean_{H,W} |x|)), Linear C_in -> C_out.
+    Winner-take-all: per sample, the k = ceil(density * C_out) most salient channels are kept, chosen by
+        topk indices + scatter, so exactly k survive whatever the ties. The mask has no gradient. At
+        k == C_out neither top-k nor mask is computed (mask is None).
+    policy "fbs": out = mask * s * BN_noaffine(conv x) + mask * beta. BN_noaffine keeps the BN's running
+        statistics, momentum and eps; s replaces gamma, and beta (learned, from the BN's bias) is masked, so
+        losers are exactly 0. Without BN: out = mask * s * conv(x). Loss: mean_n sum_c |mask * s|.
+    policy "mse": y = BN(conv x) (affine, as in the plain net); the predictor reads x.detach(), so it gets no
+        task gradient; out = mask * y. Loss: MSE(s, t), t = relu(spatial max of y), detached.
+    `loss` is weight * that loss for the last forward (None when weight == 0).
+
+    Initialisation (see _init_predictor): bias = |gamma| of the BN (1.0 without BN), so at density 1.0
+    with a zero predictor weight the gated conv computes exactly what the plain conv + BN did. nonneg_input
+    (the input is a ReLU output: every site after the stem) lets mean |x| be computed as mean x, one memory
+    pass instead of three; it is checked once, on the first forward.
+    """
+
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, *, policy: str = "fbs",
+                 density: float = 1.0, weight: float = 0.0, nonneg_input: bool = False):
+        super().__init__()
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.policy, self.density, self.weight = policy, float(density), float(weight)
+        self.k = active_count(density, conv.out_channels)
+        self.nonneg_input, self._checked = nonneg_input, False
+        self.conv = conv
+        self.predictor = nn.Linear(conv.in_channels, conv.out_channels)
+        gamma = bn.weight.detach().clone() if bn is not None and bn.affine else None
+        self.bn, self.beta = bn, None
+        if policy == "fbs" and bn is not None:
+            self.bn = _affine_free(bn)
+            self.beta = nn.Parameter(bn.bias.detach().clone() if bn.affine else torch.zeros(bn.num_features))
+            if gamma is not None:
+                self._absorb_sign(gamma)
+        self._init_predictor(gamma)
+        self.loss: torch.Tensor | None = None
+        self.mask: torch.Tensor | None = None  # (N, C_out) of the last forward, None when k == C_out
+        self.register_buffer("_active", torch.zeros((), dtype=torch.float64), persistent=False)
+        self._seen = 0  # samples since reset_density()
+        self._full = 0  # of which ran with k == C_out (every channel on, no mask built)
+
+    @torch.no_grad()
+    def _init_predictor(self, gamma: torch.Tensor | None) -> None:
+        """Weight: nn.Linear's default (kaiming-uniform; not tiny, or the gates are static: research notes
+        section 4.6). For a ReLU input every pooled value is positive with a large common part, so W.x is
+        dominated by each row's sum, a per-channel constant: channels with a negative row sum start at
+        s = 0 for every sample and, ReLU passing no gradient there, stay dead (digitnet lost 12% of
+        conv3's channels). Rows are therefore shifted to zero mean. Without BN, scaled by 0.1 (above).
+        Bias: |gamma| (1.0 without BN); _absorb_sign makes |gamma| exact for negative gammas."""
+        w = self.predictor.weight
+        if self.nonneg_input:
+            w.sub_(w.mean(1, keepdim=True))
+        if self.policy == "fbs" and self.bn is None:
+            w.mul_(_NO_BN_WEIGHT_SCALE)
+        self.predictor.bias.copy_(gamma.abs() if gamma is not None else torch.ones_like(self.predictor.bias))
+
+    @torch.no_grad()
+    def _absorb_sign(self, gamma: torch.Tensor) -> None:
+        """gamma * BN(y) == |gamma| * BN(-y) with the running mean negated: flip channels with gamma < 0."""
+        sign = torch.where(gamma < 0, -1.0, 1.0).to(self.conv.weight.dtype)
+        self.conv.weight.mul_(sign.view(-1, 1, 1, 1))
+        if self.conv.bias is not None:
+            self.conv.bias.mul_(sign)
+        if self.bn.running_mean is not None:
+            self.bn.running_mean.mul_(sign)
+
+    def _predict(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, H, W) -> saliency (N, C_out) >= 0."""
+        if self.nonneg_input and not self._checked:
+            if bool((x < 0).any()):
+                raise RuntimeError("GatedConv2d(nonneg_input=True) got a negative input: the site table is wrong")
+            self._checked = True
+        return F.relu(self.predictor(x.mean((2, 3)) if self.nonneg_input else mean_abs(x)))
+
+    @torch.no_grad()
+    def _winners(self, s: torch.Tensor) -> torch.Tensor | None:
+        """0/1 mask (N, C_out) with exactly k ones per row, or None when every channel is kept."""
+        self._seen += s.shape[0]
+        if self.k == s.shape[1]:
+            self._full += s.shape[0]
+            return None
+        mask = torch.zeros_like(s).scatter_(1, s.topk(self.k, dim=1, sorted=False).indices, 1.0)
+        self._active += mask.sum(dtype=torch.float32)  # exact, also when s is bf16 under autocast
+        return mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.policy == "mse":
+            return self._forward_mse(x)
+        s = self._predict(x)
+        self.mask = mask = self._winners(s)
+        y = self.conv(x)
+        if mask is not None:
+            s = s * mask
+        if self.weight:
+            self.loss = self.weight * s.float().sum(1).mean()  # s >= 0: the L1 of the winners' saliencies
+        if self.bn is None:
+            return y * s[:, :, None, None]
+        return bn_scale_shift(y, self.bn, s, self.beta[None] if mask is None else mask * self.beta)
+
+    def _forward_mse(self, x: torch.Tensor) -> torch.Tensor:
+        s = self._predict(x.detach())
+        self.mask = mask = self._winners(s)
+        y = self.conv(x)
+        if self.bn is not None:
+            y = self.bn(y)
+        if self.weight:
+            self.loss = self.weight * F.mse_loss(s, y.detach().amax(dim=(2, 3)).clamp(min=0))
+        return y if mask is None else y * mask[:, :, None, None]
+
+    def reset_density(self) -> None:
+        self._active.zero_()
+        self._seen = self._full = 0
+
+    def density_terms(self) -> tuple[torch.Tensor, int]:
+        """(kept channel count, as a tensor on the device; channel slots seen) since the last reset."""
+        c = self.conv.out_channels
+        return self._active + self._full * c, self._seen * c
+
+    def extra_repr(self) -> str:
+        c = self.conv.out_channels
+        return f"policy={self.policy}, k={self.k}/{c} (density {self.density}), weight={self.weight}"
+
+
+def _affine_free(bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """A BatchNorm2d without gamma/beta sharing `bn`'s running statistics, momentum and eps."""
+    new = nn.BatchNorm2d(bn.num_features, eps=bn.eps, momentum=bn.momentum, affine=False,
+                         track_running_stats=bn.track_running_stats,
+                         device=bn.running_mean.device if bn.running_mean is not None else None)
+    if bn.track_running_stats:
+        new.running_mean, new.running_var = bn.running_mean, bn.running_var
+        new.num_batches_tracked = bn.num_batches_tracked
+    return new.train(bn.training)

@@ -1,0 +1,98 @@
+"""Dense weights into a plain network, before gating surgery (so predictors start fresh and the gate's
+beta / saliency bias come from the loaded BN).
+
+Sources: a file holding the plain network's state_dict (torchvision format for torchvision models), or a
+dict with that state_dict under "model" (or "state_dict"); or "torchvision", the DEFAULT ImageNet weights
+of torchvision's weights API, fetched through torch.hub's cache ($TORCH_HOME/hub/checkpoints/).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from gatetune.models.errors import ModelError, nearest
+from gatetune.models.registry import ModelEntry, list_models, entry
+
+__all__ = ["load_dense"]
+
+
+def load_dense(net: nn.Module, e: ModelEntry, weights: str) -> None:
+    """Load `weights` into `net` (the plain `e.name` network) in place. Only a classifier whose shape
+    differs (another num_classes) is skipped, with a warning; any other mismatch is a ModelError."""
+    if weights == "torchvision":
+        state, source = _torchvision_state(e), f"torchvision weights {e.torchvision_weights}.DEFAULT"
+    else:
+        state, source = _file_state(weights), f"weights file {weights!r}"
+    _load(net, state, source, e)
+
+
+def _oneline(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _file_state(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise ModelError(f"weights file {path!r} does not exist; pass the path of a saved state_dict, "
+                         "or weights='torchvision'")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip and unsafe-global errors all mean the same to the user
+        raise ModelError(f"cannot read weights file {path!r} ({_oneline(exc)}); "
+                         "save it with torch.save(model.state_dict(), path)") from exc
+    for key in ("model", "state_dict"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not (isinstance(obj, Mapping) and obj and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                        for k, v in obj.items())):
+        raise ModelError(f"weights file {path!r} holds {type(obj).__name__}, not a state dict of tensors; "
+                         "save it with torch.save(model.state_dict(), path) or as {'model': state_dict}")
+    if all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _torchvision_state(e: ModelEntry) -> dict[str, torch.Tensor]:
+    if e.torchvision_weights is None:
+        have = [m for m in list_models() if entry(m).torchvision_weights]
+        raise ModelError(f"model {e.name!r} has no torchvision weights (models with them: {', '.join(have)}); "
+                         "pass weights=PATH to a dense state_dict file instead")
+    import torchvision.models
+
+    w = getattr(torchvision.models, e.torchvision_weights).DEFAULT
+    try:
+        return w.get_state_dict(progress=False, check_hash=True)
+    except Exception as exc:  # no network, proxy, HTTP error, corrupt cache file
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
+        raise ModelError(f"cannot get torchvision weights {e.torchvision_weights}.DEFAULT from {w.url} "
+                         f"({_oneline(exc)}); download that file to {cached} on a machine with network, "
+                         "or pass weights=PATH") from exc
+
+
+def _load(net: nn.Module, state: dict, source: str, e: ModelEntry) -> None:
+    expected = net.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        key, where = (missing[0], "missing from the weights") if missing else (extra[0], f"not in {e.name}")
+        other = list(state) if missing else list(expected)
+        raise ModelError(f"{source} does not fit {e.name}: first mismatching key {key!r} is {where} "
+                         f"({nearest(key, other)}); use weights saved from {e.name}'s plain network")
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    head = [k for k in wrong if k.startswith(e.classifier + ".")]
+    if len(head) < len(wrong):
+        k = next(k for k in wrong if k not in head)
+        raise ModelError(f"{source} does not fit {e.name}: first mismatching key {k!r} has shape "
+                         f"{tuple(state[k].shape)} in the weights but {tuple(expected[k].shape)} in the model; "
+                         "check in_channels and use weights saved from the same architecture")
+    if head:
+        warnings.warn(f"{source}: classifier {e.classifier!r} has another shape "
+                      f"({tuple(state[head[0]].shape)} vs {tuple(expected[head[0]].shape)}, another num_classes); "
+                      "loaded everything else, the classifier starts fresh", stacklevel=3)
+        state = {k: v for k, v in state.items() if k not in head}
+    net.load_state_dict(state, strict=False)

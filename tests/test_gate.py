@@ -1,0 +1,132 @@
+"""GatedConv2d against the formulas of DESIGN.md 'Gating semantics', one conv at a time."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gatetune.models.gate import GatedConv2d, active_count
+from gatetune.models.gate_ops import bn_scale_shift, mean_abs
+
+
+def _conv_bn(c_in=6, c_out=10, seed=0):
+    torch.manual_seed(seed)
+    conv, bn = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.weight[::3] *= -1
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    return conv, bn
+
+
+def _x(n=4, c=6, seed=1):
+    return torch.randn(n, c, 5, 5, generator=torch.Generator().manual_seed(seed))
+
+
+def test_active_count_is_ceil_and_at_least_one():
+    assert [active_count(d, 10) for d in (0.7, 0.5, 0.31, 1.0, 0.01)] == [7, 5, 4, 10, 1]
+    assert active_count(0.8, 64) == 52 and active_count(0.8, 1024) == 820
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fbs_formula(train):
+    conv, bn = _conv_bn()
+    gate = GatedConv2d(copy.deepcopy(conv), copy.deepcopy(bn), density=0.5, weight=0.1).train(train)
+    x = _x()
+    rm, rv = gate.bn.running_mean.clone(), gate.bn.running_var.clone()
+    out = gate(x)
+    s = F.relu(gate.predictor(x.abs().mean((2, 3))))
+    mask = gate.mask
+    y = F.batch_norm(gate.conv(x), rm, rv, None, None, train, bn.momentum, bn.eps)
+    expected = (mask * s)[:, :, None, None] * y + (mask * gate.beta)[:, :, None, None]
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.allclose(gate.bn.running_mean, rm) and torch.allclose(gate.bn.running_var, rv)  # same update
+    assert gate.loss.item() == pytest.approx(0.1 * (mask * s).abs().sum(1).mean().item(), rel=1e-5)
+    assert not mask.requires_grad and (mask.sum(1) == 5).all()
+    assert torch.equal(mask, torch.zeros_like(s).scatter_(1, s.topk(5, 1).indices, 1.0))  # the most salient
+
+
+def test_fbs_starts_as_the_dense_conv_bn_even_for_negative_gamma():
+    conv, bn = _conv_bn()
+    x = _x()
+    for train in (False, True):
+        plain_bn = copy.deepcopy(bn).train(train)
+        gate = GatedConv2d(copy.deepcopy(conv), copy.deepcopy(bn), density=1.0).train(train)
+        with torch.no_grad():
+            gate.predictor.weight.zero_()
+        assert gate.mask is None
+        assert torch.allclose(gate(x), plain_bn(conv(x)), atol=1e-5)
+        assert gate.mask is None  # k == C_out: no top-k, no mask
+
+
+def test_fbs_without_bn_scales_the_conv_output():
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    gate = GatedConv2d(copy.deepcopy(conv), None, density=0.25)
+    x = _x()
+    out = gate(x)
+    s = F.relu(gate.predictor(x.abs().mean((2, 3))))
+    assert torch.allclose(out, (gate.mask * s)[:, :, None, None] * conv(x), atol=1e-6)
+    assert torch.equal(gate.predictor.bias.detach(), torch.ones(8))
+
+
+def test_mse_policy():
+    conv, bn = _conv_bn()
+    gate = GatedConv2d(copy.deepcopy(conv), copy.deepcopy(bn), policy="mse", density=0.3, weight=0.5).eval()
+    x = _x()
+    out = gate(x)
+    y = bn.eval()(conv(x))
+    p = F.relu(gate.predictor(x.abs().mean((2, 3))))
+    assert torch.allclose(out, gate.mask[:, :, None, None] * y, atol=1e-6)
+    target = y.amax((2, 3)).clamp(min=0)
+    assert gate.loss.item() == pytest.approx(0.5 * F.mse_loss(p, target).item(), rel=1e-5)
+    assert (gate.mask.sum(1) == active_count(0.3, 10)).all()
+
+
+def test_ties_cannot_raise_density():
+    conv, bn = _conv_bn()
+    gate = GatedConv2d(conv, bn, density=0.3)
+    with torch.no_grad():
+        gate.predictor.weight.zero_()
+        gate.predictor.bias.fill_(1.0)  # every saliency equal
+    gate(_x())
+    assert (gate.mask.sum(1) == 3).all()
+    active, slots = gate.density_terms()
+    assert active.item() / slots == pytest.approx(0.3)
+
+
+def test_nonneg_input_is_checked_once():
+    conv, bn = _conv_bn()
+    gate = GatedConv2d(conv, bn, nonneg_input=True)
+    with pytest.raises(RuntimeError, match="negative input"):
+        gate(_x())
+    relu_x = _x().relu()
+    assert torch.allclose(GatedConv2d(copy.deepcopy(conv), None, nonneg_input=True).predictor.weight.sum(1),
+                          torch.zeros(10), atol=1e-6)  # zero-mean rows for ReLU inputs
+    gate = GatedConv2d(conv, bn, nonneg_input=True)
+    gate(relu_x)
+    assert gate._checked
+
+
+def test_gate_ops_match_their_expressions():
+    x = torch.randn(3, 4, 5, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(mean_abs, (x,))
+    for train in (True, False):
+        for b_rows in (1, 3):
+            bn = nn.BatchNorm2d(4, affine=False, momentum=None).double().train(train)
+            bn.running_var.fill_(1.5)
+            ref_bn = copy.deepcopy(bn)
+            y = (torch.randn(3, 4, 5, 5, dtype=torch.double) * 2 + 1).requires_grad_()
+            s = torch.rand(3, 4, dtype=torch.double, requires_grad=True)
+            b = torch.randn(b_rows, 4, dtype=torch.double, requires_grad=True)
+            g = torch.randn(3, 4, 5, 5, dtype=torch.double)
+            grads = torch.autograd.grad((bn_scale_shift(y, bn, s, b) * g).sum(), (y, s, b))
+            ref = ref_bn(y) * s[:, :, None, None] + b[:, :, None, None]
+            ref_grads = torch.autograd.grad((ref * g).sum(), (y, s, b))
+            assert all(torch.allclose(a, r, atol=1e-10) for a, r in zip(grads, ref_grads))
+            assert torch.allclose(bn.running_mean, ref_bn.running_mean)
+            assert torch.allclose(bn.running_var, ref_bn.running_var)
