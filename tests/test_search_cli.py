@@ -1,7 +1,6 @@
 """`gatetune search` as a user runs it: joining a `ray start --head` cluster, Ctrl-C then `gatetune resume`,
 and the command-line errors (each one line, exit 2, nothing started)."""
 import os
-import shutil
 import signal
 import socket
 import subprocess

@@ -15,10 +15,7 @@ from __future__ import annotations
 
 __all__ = ["run_search", "resume_search", "prepare"]
 
-import json
-import math
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -279,15 +276,13 @@ def _tuner(cfg: C.Config, base: dict, params: list[S.Param], run_dir: str, verbo
 
 def _banner(run_dir: str) -> None:
     import ray
-    ctx = ray.get_runtime_context()
-    url = getattr(ray, "_private", None) and ray._private.worker.get_dashboard_url()
+    url = ray._private.worker.get_dashboard_url()
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
     res = ray.cluster_resources()
     print(f"ray: {nodes} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU; "
           f"dashboard: {'http://' + url if url else 'off'}"
           + (" (token: `ray get-auth-token`)" if os.environ.get("RAY_AUTH_MODE") == "token" else ""))
     print(f"run folder: {run_dir}", flush=True)
-    del ctx
 
 
 def _finish(run_dir: str, results, cfg: C.Config, started: float, params: list[S.Param]) -> bool:
