@@ -123,5 +123,5 @@ def test_digits_accuracy_targets(tmp_path, overrides, min_top1):
     assert m["top1"] >= min_top1
     if cfg.gating.gate != "none":
         assert abs(m["density"] - cfg.gating.density) <= 0.01
-    if cfg.gating.density == 0.5:
-        assert m["macs_ratio"] <= 0.30
+        if cfg.gating.density == 0.5:
+            assert m["macs_ratio"] <= 0.30
