@@ -12,12 +12,17 @@ which the report reads for its `stopped_by` column.
 """
 from __future__ import annotations
 
-__all__ = ["RecordingASHA", "DensityStratifiedASHA"]
+__all__ = ["RecordingASHA", "DensityStratifiedASHA", "nearest_bucket"]
 
 import json
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.schedulers.async_hyperband import _Bracket
+
+
+def nearest_bucket(buckets, density: float) -> float:
+    """The bucket a trial of this target density joins (ties go to the lower bucket)."""
+    return min(buckets, key=lambda b: (abs(b - density), b))
 
 
 class RecordingASHA(ASHAScheduler):
@@ -59,7 +64,7 @@ class DensityStratifiedASHA(RecordingASHA):
         self._bracket_of_bucket: dict[float, _Bracket] = {}
 
     def bucket(self, density: float) -> float:
-        return min(self._buckets, key=lambda b: (abs(b - density), b))
+        return nearest_bucket(self._buckets, density)
 
     def target(self, trial) -> float:
         return float(trial.config.get(self._density_key, self._default))

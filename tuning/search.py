@@ -26,7 +26,7 @@ from ray.tune.schedulers import FIFOScheduler
 from gatetune.tuning import config as C
 from gatetune.tuning import space as S
 from gatetune.tuning.errors import ConfigError, nearest
-from gatetune.tuning.schedulers import DensityStratifiedASHA, RecordingASHA
+from gatetune.tuning.schedulers import DensityStratifiedASHA, RecordingASHA, nearest_bucket
 
 _BASE_FILE = "gatetune.yaml"
 
@@ -54,11 +54,8 @@ def prepare(cfg: C.Config, file: str | None = None) -> tuple[dict, list[S.Param]
 
 
 def _check_values(base: dict, p: S.Param, file: str) -> None:
-    if p.kind in ("choice", "grid"):
-        values = p.args
-    elif p.kind == "int":
-        values = p.args
-    else:   # uniform/loguniform give floats anywhere in between: the midpoint stands for them
+    values = p.args
+    if p.kind in ("uniform", "loguniform"):   # floats anywhere in between: the midpoint stands for them
         values = (*p.args, (p.args[0] + p.args[1]) / 2)
     for v in values:
         try:
@@ -69,7 +66,7 @@ def _check_values(base: dict, p: S.Param, file: str) -> None:
             raise ConfigError(f"value {v!r} is invalid: {str(e).split(': ', 2)[-1]}{hint}",
                               file=file, key=f"space.{p.key}") from None
     for k, vals in p.when.items():
-        if k not in C.config_keys() and k not in {q for q in (base.get("space") or {})}:
+        if k not in C.config_keys() and k not in (base.get("space") or {}):
             raise ConfigError(f"`when` names {k!r}, not a config key; {nearest(k, C.config_keys())}",
                               file=file, key=f"space.{p.key}.when")
         for v in vals:
@@ -321,8 +318,8 @@ def _rung_summary(results, cfg: C.Config, params: list[S.Param]) -> None:
     rungs.append(cfg.train.epochs)
     buckets = _density_buckets(cfg, params) if s.name == "asha_by_density" else [None]
     for b in buckets:
-        epochs = [r.metrics.get("epoch", 0) for r in results if r.metrics and (b is None or b == min(
-            buckets, key=lambda x: abs(x - float(r.config.get("gating.density", cfg.gating.density)))))]
+        epochs = [r.metrics.get("epoch", 0) for r in results if r.metrics and (b is None or b == nearest_bucket(
+            buckets, float(r.config.get("gating.density", cfg.gating.density))))]
         if not epochs:
             continue
         reached = ", ".join(f"{sum(e >= r for e in epochs)} reached epoch {r:g}" for r in rungs)
