@@ -26,7 +26,7 @@ def load_dense(net: nn.Module, e: ModelEntry, weights: str) -> None:
     if weights == "torchvision":
         state, source = _torchvision_state(e), f"torchvision weights {e.torchvision_weights}.DEFAULT"
     else:
-        state, source = _file_state(weights), f"weights file {weights!r}"
+        state, source = read_state_file(weights), f"weights file {weights!r}"
     _load(net, state, source, e)
 
 
@@ -35,14 +35,16 @@ def _oneline(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _file_state(path: str) -> dict[str, torch.Tensor]:
+def read_state_file(path: str) -> dict[str, torch.Tensor]:
+    """A dense state dict from a file (tensors only: loading must not run code); ModelError if not."""
     if not os.path.isfile(path):
         raise ModelError(f"weights file {path!r} does not exist; pass the path of a saved state_dict, "
                          "or weights='torchvision'")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and unsafe-global errors all mean the same to the user
-        raise ModelError(f"cannot read weights file {path!r} ({_oneline(exc)}); "
+        # type only: torch's text for this case advises weights_only=False, an unsafe fix to pass on
+        raise ModelError(f"cannot read weights file {path!r} ({type(exc).__name__}); "
                          "save it with torch.save(model.state_dict(), path)") from exc
     for key in ("model", "state_dict"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):

@@ -434,7 +434,13 @@ def _check_names(cfg: Config, file_of) -> None:
             fail("model.weights", f"{cfg.model.name} has no torchvision weights (only {', '.join(have)}); "
                                   "give a dense checkpoint path or null")
     elif w is not None:
-        _check_weights_file(w, lambda msg: fail("model.weights", msg))
+        if not Path(w).is_file():
+            fail("model.weights", f"weights file not found: {w}; give a checkpoint path or `torchvision`")
+        from gatetune.models.weights import read_state_file
+        try:
+            read_state_file(w)
+        except models.ModelError as e:
+            fail("model.weights", str(e))
     if cfg.train.device == "cuda":
         import torch
         if cfg.search is not None and cfg.search.resources.gpu == 0:
@@ -457,24 +463,6 @@ def _check_names(cfg: Config, file_of) -> None:
         fail("search.scheduler.grace_period",
              f"grace period {cfg.search.scheduler.grace_period} is above train.epochs={cfg.train.epochs}; "
              "lower it or train longer")
-
-
-def _check_weights_file(path: str, fail) -> None:
-    """Readable as tensors only (weights_only: a weights file must not run code when loaded)."""
-    import torch
-    if not Path(path).is_file():
-        fail(f"weights file not found: {path}; give a checkpoint path or `torchvision`")
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:   # not the zip format: mmap is impossible, read it whole
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        fail(f"cannot read weights file {path} as a state dict of tensors; save it with "
-             "torch.save(model.state_dict(), path)")
-    if not isinstance(obj, dict):
-        fail(f"weights file {path} holds a {type(obj).__name__}, not a state dict; save it with "
-             "torch.save(model.state_dict(), path)")
 
 
 def data_spec(cfg: Config):

@@ -55,11 +55,14 @@ def train_run(cfg: C.Config, out: str | Path, progress: bool = True) -> tuple[Pa
     if resume is not None and resume["epoch"] >= cfg.train.epochs:
         return out, resume["history"][-1]
     rows = list((resume or {}).get("history", []))
+    started = False
 
     def on_epoch(metrics: dict, state: dict | None):
-        nonlocal rows
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
+        nonlocal rows, started
+        if not started:   # first save of this call: the folder (and the config it ran) starts here
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
+            started = True
         if state is not None:
             rows = state["history"]
             folder.save(state, rows)
