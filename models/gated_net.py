@@ -6,6 +6,7 @@ Sites with gate=False keep the plain conv and BN (trainable=False still freezes 
 """
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 
 import torch
@@ -63,12 +64,14 @@ class GatedNet(nn.Module):
         self._gates: dict[str, GatedConv2d] = {}  # plain dict: the modules live (once) inside self.net
         self._site_of: dict[nn.Module, str] = {}
         self.c_out: dict[str, int] = {}  # site -> output channels
+        self._site_params: dict[str, list[nn.Parameter]] = {}  # site -> its conv's and BN's parameters
         signed = e.signed_inputs if e.signed_inputs is not None else (e.sites[0].name,)
         for s in e.sites:
             spec = self.sites[s.name]
             conv, bn = plain.get_submodule(s.conv), plain.get_submodule(s.bn) if s.bn else None
+            self._site_params[s.name] = [*conv.parameters(), *(bn.parameters() if bn is not None else [])]
             if not spec.trainable:
-                for p in [*conv.parameters(), *(bn.parameters() if bn is not None else [])]:
+                for p in self._site_params[s.name]:
                     p.requires_grad_(False)
             self._site_of[conv] = s.name
             self.c_out[s.name] = conv.out_channels
@@ -87,6 +90,22 @@ class GatedNet(nn.Module):
     def gates(self) -> dict[str, GatedConv2d]:
         """Gated site name -> its GatedConv2d, forward order."""
         return dict(self._gates)
+
+    def set_trainable(self, trainable) -> None:
+        """Train the conv/BN weights of exactly the sites in `trainable` (a set of canonical names); the
+        predictors and the layers outside the site table always train."""
+        for name, params in self._site_params.items():
+            for p in params:
+                p.requires_grad_(name in trainable)
+        self.sites = {n: dataclasses.replace(sp, trainable=n in trainable) for n, sp in self.sites.items()}
+
+    def set_gate_weights(self, weights: dict[str, float]) -> None:
+        """Gate-loss weight per gated site (sites not named keep theirs)."""
+        for name, w in weights.items():
+            self._gates[name].weight = float(w)
+            if not w:
+                self._gates[name].loss = None   # a zero weight adds no term (not the last one computed)
+            self.sites[name] = dataclasses.replace(self.sites[name], weight=float(w))
 
     def gate_loss(self) -> torch.Tensor:
         """Scalar: sum over gated sites of weight * site loss of the last forward (0 when none)."""

@@ -56,6 +56,11 @@ def read_state_file(path: str) -> dict[str, torch.Tensor]:
                          "save it with torch.save(model.state_dict(), path) or as {'model': state_dict}")
     if all(k.startswith("module.") for k in obj):  # saved from DataParallel / DDP
         obj = {k[len("module."):]: v for k, v in obj.items()}
+    if all(k.startswith("net.") for k in obj):     # a gatetune checkpoint (GatedNet wraps the plain net)
+        obj = {k[len("net."):]: v for k, v in obj.items()}
+        if any(".predictor." in k for k in obj):
+            raise ModelError(f"weights file {path!r} is a checkpoint of a gated network; dense weights come "
+                             "from a run with gating.gate=none")
     return dict(obj)
 
 

@@ -109,3 +109,27 @@ def test_multi_objective_config():
         C.load_dict({"search": {"objectives": [{"top1": "max"}, {"macs_ratio": "min"}]}})
     with pytest.raises(ConfigError, match="two or more objectives"):
         C.load_dict({"search": {"objectives": [{"top1": "max"}], "scheduler": {"name": "fifo"}}})
+
+
+@pytest.mark.slow
+def test_real_search_plain_asha_starves_a_density_bucket_stratified_does_not(ray_local, tmp_path):
+    """The same tiny digits search (density grid {1.0, 0.75, 0.5, 0.25} x 2, 4 epochs, rungs 1, 2, 4) under
+    plain ASHA and under asha_by_density: which density buckets get a trial trained to the last epoch."""
+    import os
+    from gatetune import results
+    from gatetune.tuning import config as C
+    from gatetune.tuning.search import run_search
+    quick = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search_spaces",
+                         "quickstart.yaml")
+    common = ["train.epochs=4", "train.keep_checkpoints=1", "search.num_samples=2", "search.max_concurrent=2",
+              "gating.gate=all", "gating.weight=1.0e-6", "train.optimizer.lr=0.05",
+              "space={gating.density: {grid: [1.0, 0.75, 0.5, 0.25]}}"]
+    reached = {}
+    for name in ("asha", "asha_by_density"):
+        cfg = C.load(quick, [*common, f"search.scheduler.name={name}"])
+        run_dir, ok = run_search(cfg, storage=str(tmp_path), name=name)
+        df = results.table(run_dir)
+        assert ok and len(df) == 8
+        reached[name] = df.groupby("target_density")["epochs"].max().to_dict()
+    assert min(reached["asha"].values()) < 4, reached               # some bucket never trained to the end
+    assert set(reached["asha_by_density"].values()) == {4}, reached  # every bucket did

@@ -1,7 +1,7 @@
 """gatetune command line: parses arguments and calls one function per command.
 
     gatetune train CONFIG [key=value ...] [--out DIR]     one fixed config, in-process
-    gatetune eval CHECKPOINT [data.root=...]              top-1/top-5/density/MACs on the validation split
+    gatetune eval CHECKPOINT [data.root=...]              top-1/top-5/density/MACs/latency_ratio on the validation split
     gatetune layers MODEL                                 gate sites: name, aliases, C_in, C_out, dense MACs
     gatetune search CONFIG [key=value ...] [--address A] [--name N] [--storage P]
     gatetune resume RUN_DIR                               continue an interrupted search
@@ -62,6 +62,8 @@ def _train(a) -> None:
     from gatetune.tuning import config as C
     from gatetune.tuning.run import train_run
     cfg = C.load(a.config, a.overrides)
+    for line in cfg.notices:
+        print(line, file=sys.stderr)
     out, m = train_run(cfg, a.out or os.path.join("runs", cfg.name), progress=not a.quiet)
     print(f"run folder: {out}")
     print(f"top1: {m['top1']:.2f}%  top5: {m['top5']:.2f}%  density: {100 * m['density']:.2f}%  "
@@ -73,6 +75,11 @@ def _eval(a) -> None:
     m = eval_checkpoint(a.checkpoint, a.overrides)
     print(f"top1: {m['top1']:.2f}%, top5: {m['top5']:.2f}%, density: {100 * m['density']:.2f}%, "
           f"macs: {m['macs']:.4g} ({100 * m['macs_ratio']:.1f}% of dense) [{m['images']} images]")
+    if m["latency_ratio"] is None:
+        print(f"latency_ratio: n/a ({m['latency_note']})")
+    else:
+        print(f"latency_ratio: {m['latency_ratio']:.3f} (batch 1, CPU, 1 thread: channel-skipping "
+              f"{m['latency_ms']:.3g} ms, dense {m['dense_latency_ms']:.3g} ms)")
 
 
 def _layers(a) -> None:

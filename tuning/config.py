@@ -15,7 +15,8 @@ from __future__ import annotations
 
 __all__ = ["Config", "ModelCfg", "DataCfg", "GatingCfg", "SiteCfg", "TrainCfg", "OptimizerCfg",
            "LrScheduleCfg", "SearchCfg", "SchedulerCfg", "ResourcesCfg", "load", "load_dict",
-           "parse_override", "set_dotted", "get_dotted", "config_keys", "site_specs", "to_dict",
+           "parse_override", "set_dotted", "get_dotted", "config_keys", "key_pattern", "site_specs", "to_dict",
+           "Phase", "phase_plan", "PhaseCfg", "read_file", "merge",
            "with_params"]
 
 import collections.abc
@@ -30,6 +31,7 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from gatetune.tuning import mayo
 from gatetune.tuning.errors import ConfigError, nearest
 
 
@@ -100,8 +102,27 @@ class LrScheduleCfg(_Strict):
     gamma: float = Field(0.1, gt=0, le=1)
 
 
+class PhaseCfg(_Strict):
+    """One phase of a multi-phase recipe (the notebook's: reach the density with frozen layers and a large
+    gate weight, then recover accuracy with every layer trainable and a lower weight)."""
+    epochs: int = Field(ge=1)
+    """Epochs in this phase (train.epochs is their sum)."""
+    trainable: str | list[str] | None = None
+    """Sites whose conv/BN weights train in this phase (replaces gating.trainable and gating.sites.*.trainable)."""
+    weight: float | None = Field(None, ge=0)
+    """Gate-loss weight of every gated site in this phase (or give weight_factor)."""
+    weight_factor: float | None = Field(None, ge=0)
+    """Multiplies each gated site's configured weight in this phase (or give weight)."""
+    lr: float | None = Field(None, gt=0)
+    """Learning rate at the start of this phase (default train.optimizer.lr); lr_schedule restarts per phase."""
+
+
 class TrainCfg(_Strict):
     epochs: int = Field(10, ge=1)
+    """Epochs in all (with phases: their sum, set for you)."""
+    phases: list[PhaseCfg] | None = None
+    """A multi-phase recipe, e.g. [{epochs: 3, trainable: none, weight: 1e-4}, {epochs: 7, trainable: all,
+    weight_factor: 0.1, lr: 0.01}]; every phase key can be searched (space: train.phases.0.weight)."""
     batch_size: int = Field(128, ge=1)
     """Images per step (per GPU when a trial has several)."""
     optimizer: OptimizerCfg = Field(default_factory=OptimizerCfg)
@@ -115,6 +136,10 @@ class TrainCfg(_Strict):
     """CPU threads for torch (default: what Ray grants the trial, else torch's default)."""
     keep_checkpoints: int = Field(2, ge=1)
     """Epoch checkpoints kept per run/trial (the newest ones)."""
+    processes: int | None = Field(None, ge=1)
+    """Data-parallel processes (DistributedDataParallel): one per GPU on cuda:0..N-1 with NCCL, or CPU
+    processes with gloo. batch_size is per process (effective batch = processes x batch_size; lr is not
+    scaled). Default: the GPUs a Ray trial was granted (search.resources.gpu), 1 for `gatetune train`."""
 
 
 class SchedulerCfg(_Strict):
@@ -154,6 +179,9 @@ class SearchCfg(_Strict):
     max_failures: int = Field(3, ge=0)
     """Retries of a trial whose worker or node died; it resumes from its last epoch checkpoint."""
     time_budget_s: float | None = Field(None, gt=0)
+    start_from: list[str] | None = None
+    """Known-good configs (gatetune or the notebook's Mayo gating files) whose values of the searched keys
+    Optuna evaluates first (points to evaluate); paths relative to the file that names them."""
 
 
 class Config(_Strict):
@@ -169,6 +197,12 @@ class Config(_Strict):
     space: dict[str, dict[str, Any]] | None = None
     """Searched keys (dotted, as in overrides) -> a distribution, e.g. {gating.density: {choice: [0.25, 0.5]}}."""
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+    _notices: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def notices(self) -> list[str]:
+        """Lines to show the user once the config is valid (e.g. a Mayo model import replaced)."""
+        return list(self._notices)
 
     def source(self, key: str, default: str = "config") -> str:
         """The file (or command-line override) that set a dotted key, for error messages."""
@@ -185,6 +219,8 @@ class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue   # `<<: *anchor` (merge keys): the explicit keys beside it override, by design
             key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, collections.abc.Hashable):
                 break   # PyYAML's own check reports "found unhashable key"
@@ -205,8 +241,10 @@ def yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-def _read_yaml(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str]]:
-    """Returns (merged dict, {dotted key: file that set it}) for `path` and everything it imports."""
+def _read_yaml(path: Path, chain: tuple[Path, ...], notices: list[str] | None = None) -> tuple[dict, dict[str, str]]:
+    """Returns (merged dict, {dotted key: file that set it}) for `path` and everything it imports.
+    Notices (things done on the user's behalf) are appended to `notices`, to print once all is valid."""
+    notices = [] if notices is None else notices
     if path in chain:
         cycle = " -> ".join(str(p) for p in (*chain, path))
         raise ConfigError(f"_import cycle: {cycle}; remove one of these imports", file=str(chain[-1]), key="_import")
@@ -223,7 +261,10 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = "; ".join(p for p in (getattr(e, "context", None), getattr(e, "problem", None)) if p) \
             or str(e).splitlines()[0]
-        raise ConfigError(f"YAML syntax error{at}: {problem}; fix the YAML", file=str(path)) from None
+        fix = "fix the YAML"
+        if text.lstrip().startswith("--") and not text.lstrip().startswith("---"):
+            fix = "the first line `--` is not a YAML document marker: write `---` or delete it"
+        raise ConfigError(f"YAML syntax error{at}: {problem}; {fix}", file=str(path)) from None
     if data is None:
         raise ConfigError("the file is empty; give at least `model:` or `_import:`", file=str(path))
     if not isinstance(data, dict):
@@ -231,18 +272,32 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict[str, str
                           file=str(path))
     merged, sources = {}, {}
     imports = data.pop("_import", None)
+    mayo_file = mayo.is_mayo(data)
     if imports is not None and not isinstance(imports, (str, list)):
         raise ConfigError(f"_import must be a file name or a list of them, got {imports!r}", file=str(path),
                           key="_import")
     for imp in [imports] if isinstance(imports, str) else (imports or []):
         if not isinstance(imp, str):
             raise ConfigError(f"_import must be a file name or a list of them, got {imp!r}", file=str(path), key="_import")
-        parent, parent_src = _read_yaml((path.parent / imp).resolve(), (*chain, path))
+        target = (path.parent / imp).resolve()
+        if mayo_file and not target.exists():
+            # The notebook's files import Mayo's model definition; gatetune's model.name replaces it.
+            notices.append(f"notice: {_rel(str(path))}: _import {imp} (a Mayo model file) not found; using "
+                           f"gatetune's built-in {(data.get('model') or {}).get('name')!r} (model.name)")
+            continue
+        parent, parent_src = _read_yaml(target, (*chain, path), notices)
         _merge(merged, parent)
         sources.update(parent_src)
+    if mayo_file:
+        data = mayo.translate(data, str(path))
     _merge(merged, data)
     sources.update({k: str(path) for k in _dotted_keys(data)})
     return merged, sources
+
+
+def read_file(path: str | os.PathLike, notices: list[str] | None = None) -> dict:
+    """One YAML config file with its imports (and a Mayo gating file translated), unvalidated."""
+    return _read_yaml(Path(path).resolve(), (), notices)[0]
 
 
 def _merge(dst: dict, src: dict, whole: bool = False) -> None:
@@ -279,19 +334,39 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def set_dotted(d: dict, key: str, value: Any) -> None:
-    """Set a dotted key; under `space.` the rest is one key (space keys are dotted config keys)."""
+    """Set a dotted key; under `space.` the rest is one key (space keys are dotted config keys).
+    A number indexes a list that exists (`train.phases.1.lr`)."""
     parts = key.split(".")
     if parts[0] == "space" and len(parts) > 2:
         parts = ["space", ".".join(parts[1:])]
-    for p in parts[:-1]:
-        if not isinstance(d.get(p), dict):
+    for i, p in enumerate(parts[:-1]):
+        if isinstance(d, list):
+            d = d[_index(d, p, parts[:i + 1])]
+            continue
+        if not isinstance(d.get(p), (dict, list)) or (isinstance(d.get(p), list) and not parts[i + 1].isdigit()):
             d[p] = {}
         d = d[p]
-    d[parts[-1]] = value
+    if isinstance(d, list):
+        d[_index(d, parts[-1], parts)] = value
+    else:
+        d[parts[-1]] = value
+
+
+def _index(items: list, part: str, parts: list[str]) -> int:
+    where = ".".join(parts[:-1])
+    if not part.isdigit():
+        raise ConfigError(f"{where} is a list: give an item number (0..{len(items) - 1}), not {part!r}", key=where)
+    if int(part) >= len(items):
+        raise ConfigError(f"{where} has {len(items)} item(s), so item {part} does not exist; number them "
+                          f"from 0", key=".".join(parts))
+    return int(part)
 
 
 def get_dotted(d: dict, key: str, default: Any = None) -> Any:
     for p in key.split("."):
+        if isinstance(d, list) and p.isdigit() and int(p) < len(d):
+            d = d[int(p)]
+            continue
         if not isinstance(d, dict) or p not in d:
             return default
         d = d[p]
@@ -299,23 +374,36 @@ def get_dotted(d: dict, key: str, default: Any = None) -> Any:
 
 
 def config_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    """Every dotted leaf key a config accepts (what `space:` keys and overrides may name)."""
+    """Every dotted leaf key a config accepts (what `space:` keys and overrides may name); list items
+    appear as `N` (`train.phases.N.lr`): see `key_pattern`."""
     keys = []
     for name, field in model.model_fields.items():
         sub = _model_of(field.annotation)
         if sub is not None and name not in ("space",):
-            keys += config_keys(sub, f"{prefix}{name}.")
+            keys += config_keys(sub, f"{prefix}{name}.{'N.' if _is_list(field.annotation) else ''}")
         elif name not in ("space", "sites"):
             keys.append(f"{prefix}{name}")
     return keys
+
+
+def key_pattern(key: str) -> str:
+    """`train.phases.1.lr` -> `train.phases.N.lr`, the form config_keys() lists."""
+    return re.sub(r"\.\d+(?=\.|$)", ".N", key)
+
+
+def _is_list(annotation) -> bool:
+    if getattr(annotation, "__origin__", None) is list:
+        return True
+    return any(_is_list(a) for a in getattr(annotation, "__args__", ()) or ())
 
 
 def _model_of(annotation) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
     for arg in getattr(annotation, "__args__", ()) or ():
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
+        found = _model_of(arg)
+        if found is not None:
+            return found
     return None
 
 
@@ -341,6 +429,8 @@ def _fields_at(loc: tuple) -> list[str]:
         model = _model_of(field.annotation)
         if part == "sites" and parts:   # dict[str, SiteCfg]: the next part is a site pattern
             parts.pop(0)
+        elif parts and parts[0].isdigit():   # list[PhaseCfg]: the next part is an item number
+            parts.pop(0)
     return list(model.model_fields) if isinstance(model, type) else []
 
 
@@ -350,6 +440,11 @@ def _error_line(err: dict) -> tuple[str, str]:
     key = ".".join(loc)
     kind, got = err["type"], err.get("input")
     ctx = err.get("ctx") or {}
+    if any(str(part) in ("str", "list[str]") for part in err["loc"]):   # str | list[str]: site patterns
+        return key, (f"must be a site pattern or a list of them (strings), got {_input_of(err, got)!r}; "
+                     "write e.g. all, none, conv1, \"fire[6-9]\" or [conv1, conv2]")
+    if kind == "missing":
+        return key, f"{loc[-1]} is required here; add it"
     if kind == "extra_forbidden":
         return key, f"unknown key {loc[-1]!r}; {nearest(loc[-1], _fields_at(loc))}"
     if kind in _RANGE:
@@ -359,6 +454,12 @@ def _error_line(err: dict) -> tuple[str, str]:
     if kind in _TYPES:
         return key, f"must be {_TYPES[kind]}, got {got!r} ({type(got).__name__}); change the value"
     return key, f"{err['msg']} (got {got!r}); change the value"
+
+
+def _input_of(err: dict, got):
+    """The whole value of a str | list[str] field (pydantic reports the bad list item)."""
+    loc = list(err["loc"])
+    return got if "list[str]" not in loc or loc.index("list[str]") == len(loc) - 1 else err.get("_whole", got)
 
 
 def _literal_options(ctx: dict) -> list[str]:
@@ -378,6 +479,7 @@ def _source(key: str, sources: dict[str, str]) -> str | None:
 def load_dict(raw: dict, sources: dict[str, str] | None = None, default_file: str | None = None) -> Config:
     """Validate a nested dict into a Config (types, ranges, names); raises ConfigError."""
     sources = sources or {}
+    raw = _derive_epochs(copy.deepcopy(raw), lambda key: _source(key, sources) or default_file)
     try:
         cfg = Config.model_validate(raw)
     except pydantic.ValidationError as e:
@@ -392,17 +494,48 @@ def load_dict(raw: dict, sources: dict[str, str] | None = None, default_file: st
     return cfg
 
 
+def _derive_epochs(raw: dict, file_of) -> dict:
+    """With train.phases, train.epochs is the sum of the phases' epochs (set here when absent)."""
+    train = raw.get("train") if isinstance(raw, dict) else None
+    phases = train.get("phases") if isinstance(train, dict) else None
+    if not (isinstance(phases, list) and phases and all(
+            isinstance(p, dict) and type(p.get("epochs")) is int and p["epochs"] >= 1 for p in phases)):
+        return raw   # missing or malformed: validation reports it
+    total = sum(p["epochs"] for p in phases)
+    given = train.get("epochs")
+    if given is None:
+        train["epochs"] = total
+    elif given != total and (file_of("train.epochs") == file_of("train.phases")
+                             or str(file_of("train.epochs")).startswith("command line")):
+        raise ConfigError(f"train.epochs is {given!r} but train.phases add up to {total} epochs; drop "
+                          "train.epochs (it is the phases' sum) or make them agree",
+                          file=file_of("train.epochs"), key="train.epochs")
+    else:   # an imported file's train.epochs gives way to the phases set on top of it
+        train["epochs"] = total
+    return raw
+
+
 def load(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (with _import), apply dotted overrides, validate everything."""
     path = Path(path)
-    raw, sources = _read_yaml(path.resolve(), ())
+    notices: list[str] = []
+    raw, sources = _read_yaml(path.resolve(), (), notices)
     sources = {k: str(path) if v == str(path.resolve()) else _rel(v) for k, v in sources.items()}
     for text in overrides:
         key, value = parse_override(text)
-        set_dotted(raw, key, value)
-        sources[key] = f"command line override {text!r}"
+        where = f"command line override {text!r}"
+        try:
+            set_dotted(raw, key, value)
+        except ConfigError as e:
+            raise ConfigError(e.message, file=where, key=e.key) from None
+        sources[key] = where
+        if key.startswith("train.phases") and isinstance(get_dotted(raw, "train"), dict):
+            raw["train"].pop("epochs", None)   # re-derived from the phases
+            sources.pop("train.epochs", None)
     raw.setdefault("name", path.stem)
-    return load_dict(raw, sources, default_file=str(path))
+    cfg = load_dict(raw, sources, default_file=str(path))
+    cfg._notices = notices
+    return cfg
 
 
 def _rel(p: str) -> str:
@@ -424,8 +557,12 @@ def _check_names(cfg: Config, file_of) -> None:
         fail("model.name", f"unknown model {cfg.model.name!r}; {nearest(cfg.model.name, models.list_models())}")
     try:
         site_specs(cfg)
+        phase_plan(cfg)
     except models.ModelError as e:
         fail(getattr(e, "_gatetune_key", "gating.gate"), str(e))
+    for i, ph in enumerate(cfg.train.phases or []):
+        if ph.weight is not None and ph.weight_factor is not None:
+            fail(f"train.phases.{i}.weight_factor", "give weight or weight_factor, not both")
     w = cfg.model.weights
     if w == "torchvision":
         from gatetune.models.registry import entry
@@ -495,6 +632,45 @@ def site_specs(cfg: Config) -> dict:
     return specs
 
 
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One stretch of epochs [start, end) and what trains in it (see `phase_plan`)."""
+    start: int
+    end: int
+    trainable: frozenset       # canonical sites whose conv/BN weights train
+    weights: dict              # gated site -> gate-loss weight
+    lr: float                  # learning rate at the phase's first epoch
+
+
+def phase_plan(cfg: Config) -> list[Phase]:
+    """train.phases resolved against the model's sites; one phase spanning train.epochs when none are given."""
+    specs = site_specs(cfg)
+    trainable = frozenset(s for s, sp in specs.items() if sp.trainable)
+    weights = {s: sp.weight for s, sp in specs.items() if sp.gate}
+    if not cfg.train.phases:
+        return [Phase(0, cfg.train.epochs, trainable, weights, cfg.train.optimizer.lr)]
+    from gatetune import models
+    plan, start = [], 0
+    for i, ph in enumerate(cfg.train.phases):
+        t = trainable
+        if ph.trainable is not None:
+            try:
+                t = frozenset(models.resolve_sites(cfg.model.name, ph.trainable))
+            except models.ModelError as e:
+                e._gatetune_key = f"train.phases.{i}.trainable"
+                raise
+        w = {s: ph.weight for s in weights} if ph.weight is not None else \
+            {s: v * ph.weight_factor for s, v in weights.items()} if ph.weight_factor is not None else weights
+        plan.append(Phase(start, start + ph.epochs, t, w, ph.lr or cfg.train.optimizer.lr))
+        start += ph.epochs
+    return plan
+
+
+def merge(dst: dict, src: dict) -> None:
+    """Deep-merge `src` into `dst` as `_import` does (dicts merge, lists and space entries replace)."""
+    _merge(dst, src)
+
+
 def to_dict(cfg: Config) -> dict:
     """Plain nested dict (YAML/JSON-safe) of a config."""
     return cfg.model_dump(mode="json")
@@ -504,5 +680,10 @@ def with_params(cfg: Config, params: dict[str, Any]) -> Config:
     """A copy of `cfg` with dotted keys set (one trial of a search); validated again."""
     raw = to_dict(cfg)
     for k, v in params.items():
-        set_dotted(raw, k, v)
+        try:
+            set_dotted(raw, k, v)
+        except ConfigError as e:
+            raise ConfigError(e.message, file="search space", key=e.key) from None
+    if any(k.startswith("train.phases") for k in params) and "train.epochs" not in params and raw["train"]["phases"]:
+        raw["train"].pop("epochs")   # re-derived from the phases
     return load_dict(raw, {k: "search space" for k in params})

@@ -53,10 +53,11 @@ def _label(v: Any):
 
 def parse_space(space: dict, config_keys: list[str], file: str) -> list[Param]:
     """Validate `space:` (distribution names, bounds, keys) into Params; ConfigError otherwise."""
+    from gatetune.tuning.config import key_pattern
     params = []
     for key, spec in (space or {}).items():
         where = f"space.{key}"
-        if key not in config_keys and not key.startswith("gating.sites."):
+        if key_pattern(key) not in config_keys and not key.startswith("gating.sites."):
             raise ConfigError(f"{key!r} is not a config key; {nearest(key, config_keys)}", file=file, key=where)
         if not isinstance(spec, dict):
             raise ConfigError(f"expected a distribution like {{choice: [a, b]}}, got {spec!r}", file=file, key=where)
