@@ -30,8 +30,13 @@ demo: $(STAMP)
 demo-pareto: $(STAMP)
 	$(BIN)/gatetune search search_spaces/pareto.yaml --name pareto-$$(date +%Y%m%d-%H%M%S)
 
+# Side-by-side ratios, each ending with `bench NAME: ratio=X goal=Y met=yes|no` (~10 min on 2 cores).
 bench: $(STAMP)
+	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/asha_vs_fifo.py
 	$(BIN)/python bench/gate_overhead.py
+	$(BIN)/python bench/data_pipeline.py
+	$(BIN)/python bench/inference.py
 
 clean:
 	rm -rf runs build *.egg-info

@@ -5,6 +5,8 @@
     net = build("resnet20", num_classes=10, in_channels=3, input_size=32, sites=sites)
     logits = net(x); loss = ce(logits, y) + net.gate_loss()
     with net.count_macs() as m: net(x)          # m.macs, m.dense_macs, m.ratio
+    fast = SkipNet(net); fast(x)                # channel-skipping inference (batch-1 passes, eval)
+    measure_latency(net, x)["latency_ratio"]    # batch-1 CPU latency, skipping / dense
 """
 from gatetune.models.errors import ModelError
 from gatetune.models.sites import SiteSpec
@@ -12,6 +14,8 @@ from gatetune.models.registry import default_input, layers_table, list_models, r
 from gatetune.models import nets  # noqa: F401  (registers the networks)
 from gatetune.models.gate import POLICIES, GatedConv2d, active_count
 from gatetune.models.gated_net import GatedNet, build
+from gatetune.models.skip import SkipNet, dense_net, measure_latency
 
 __all__ = ["ModelError", "SiteSpec", "GatedNet", "GatedConv2d", "build", "list_models", "site_names",
-           "resolve_sites", "layers_table", "default_input", "active_count", "POLICIES"]
+           "resolve_sites", "layers_table", "default_input", "active_count", "POLICIES",
+           "SkipNet", "dense_net", "measure_latency"]

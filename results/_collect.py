@@ -11,6 +11,8 @@ or beside a live search. What is read, and why (see notes/ray-tune-2.60.md, sect
   trials that failed once and recovered). Without one (a search that has not snapshotted yet), the
   status is inferred from the result files.
 - `decisions.jsonl` (written by gatetune's schedulers): why a trial was stopped early.
+- `<trial>/latency.json` (written at the end of a search for the Pareto trials): `latency_ratio`
+  measured on one checkpoint; used only while that checkpoint is still the trial's latest.
 Paths inside Ray's files are absolute and go stale when a folder is copied, so everything is
 resolved relative to RUN_DIR.
 """
@@ -27,6 +29,7 @@ import yaml
 
 CONFIG_FILE = "gatetune.yaml"
 DECISIONS_FILE = "decisions.jsonl"
+LATENCY_FILE = "latency.json"
 STATE_GLOB = "experiment_state-*.json"
 # Every value of the `status` column, in the order reports list them.
 STATUSES = ("completed", "stopped", "running", "pending", "diverged", "error")
@@ -228,11 +231,27 @@ def _trial_row(run: _Run, tid: str, folder: Path | None, config: dict, history: 
     last = history.iloc[-1].to_dict() if len(history) else None
     ray_status = run.ray[tid]["status"] if tid in run.ray else None
     status, stopped_by = _status(ray_status, last, config, run.decisions.get(tid))
+    checkpoint = _latest_checkpoint(folder)
     return {"trial_id": tid, "status": status, "stopped_by": stopped_by, "ray_status": ray_status,
             "trial_dir": folder.name if folder is not None else "",
-            "checkpoint": _latest_checkpoint(folder),
+            "checkpoint": checkpoint,
             **{f"config/{k}": v for k, v in config.items()},
-            **{k: v for k, v in (last or {}).items() if k != "trial_id"}}
+            **{k: v for k, v in (last or {}).items() if k != "trial_id"},
+            **_latency(folder, checkpoint)}
+
+
+def _latency(folder: Path | None, checkpoint: str) -> dict:
+    """{"latency_ratio": r} from the trial's latency.json when it measured `checkpoint`, else {}."""
+    if folder is None or not checkpoint:
+        return {}
+    try:
+        record = json.loads((folder / LATENCY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict) or record.get("checkpoint") != checkpoint.rsplit("/", 1)[-1]:
+        return {}
+    ratio = record.get("latency_ratio")
+    return {"latency_ratio": float(ratio)} if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else {}
 
 
 def _status(ray_status: str | None, last: dict | None, config: dict, decision: str | None) -> tuple[str, str]:

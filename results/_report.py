@@ -59,7 +59,10 @@ def _report_text(name: str, path: Path, df: pd.DataFrame, size: int, image: str)
         f"run folder size {human_bytes(size)} ({size:,} bytes).", "",
         "Metrics are each trial's last report; `density` is the achieved fraction of channels kept, "
         "`target_density` the configured one. `pareto`: not dominated in top1 (max) and macs_ratio (min); "
-        "`pareto_density`: in top1 and density; among trials with results that did not error or diverge.", "",
+        "`pareto_density`: in top1 and density; among trials with results that did not error or diverge."
+        + (" `latency_ratio`: batch-1 CPU latency (1 thread) of the channel-skipping inference path over the "
+           "dense network with the same weights, measured at the end of the search for the Pareto trials."
+           if "latency_ratio" in df else ""), "",
         "## Summary", "", summary_markdown(df),
         "## All trials", "", _full_table(df),
         "## Pareto front", "", f"![top-1 against MACs ratio and density]({image})", ""])

@@ -241,6 +241,25 @@ def test_decisions_jsonl_names_who_stopped_a_trial(run_copy):
     assert _trial(df, 0.25, SMALL)["stopped_by"] == "asha"
 
 
+def test_latency_json_of_the_latest_checkpoint_fills_latency_ratio(run_copy):
+    """<trial>/latency.json (written for the Pareto trials at the end of a search) wins over a reported
+    latency_ratio, but only while it names the trial's latest checkpoint."""
+    df = table(run_copy)
+    dense, sparse = _trial(df, 1.0, SMALL), _trial(df, 0.25, LARGE)
+    for row, ratio, checkpoint in ((dense, 0.42, dense["checkpoint"].split("/")[1]),
+                                   (sparse, 0.11, "checkpoint_000000")):   # an older one: stale
+        (run_copy / row["checkpoint"].split("/")[0] / "latency.json").write_text(json.dumps(
+            {"latency_ratio": ratio, "latency_ms": 1.0, "dense_latency_ms": 2.4, "checkpoint": checkpoint}))
+    broken = _trial(df, 0.5, SMALL)
+    (run_copy / broken["checkpoint"].split("/")[0] / "latency.json").write_text('{"latency_ra')
+    df = table(run_copy)
+    assert _trial(df, 1.0, SMALL)["latency_ratio"] == pytest.approx(0.42)
+    assert _trial(df, 0.25, LARGE)["latency_ratio"] == pytest.approx(0.35)   # the reported metric stays
+    assert math.isnan(_trial(df, 0.5, SMALL)["latency_ratio"])   # half-written file ignored (stopped at epoch 1)
+    write_report(run_copy)
+    assert "`latency_ratio`: batch-1 CPU latency" in (run_copy / "report.md").read_text()
+
+
 def test_live_search_state_lags_and_is_half_written(run_copy):
     (state_file,) = run_copy.glob("experiment_state-*.json")
     state = json.loads(state_file.read_text())

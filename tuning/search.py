@@ -15,7 +15,10 @@ from __future__ import annotations
 
 __all__ = ["run_search", "resume_search", "prepare"]
 
+import copy
 import os
+import re
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from gatetune.tuning.errors import ConfigError, nearest
 from gatetune.tuning.schedulers import DensityStratifiedASHA, RecordingASHA, nearest_bucket
 
 _BASE_FILE = "gatetune.yaml"
+REUSE_ACTORS = True   # one worker process runs trial after trial; bench/overhead.py sets False (Ray's default) to compare
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +54,65 @@ def prepare(cfg: C.Config, file: str | None = None) -> tuple[dict, list[S.Param]
             C.set_dotted(base, key, os.path.abspath(v))
     for p in params:   # every value a trial could take must be a valid config value
         _check_values(base, p, where(f"space.{p.key}"))
+    if cfg.search.start_from:
+        src = cfg.source("search.start_from")
+        root = Path(src).parent if not src.startswith(("command line", "config")) else Path.cwd()
+        base["search"]["start_from"] = [str((root / f).resolve()) for f in cfg.search.start_from]
+        start_points(base, params, where("search.start_from"))   # checked now, before Ray starts
     return base, params
+
+
+def start_points(base: dict, params: list[S.Param], file: str | None = None,
+                 notices: list[str] | None = None) -> list[dict]:
+    """search.start_from files -> Optuna points to evaluate first: each file's values of the searched keys
+    (the file is read on top of the search config, so it need only set what it changes)."""
+    from gatetune import models
+    from gatetune.tuning.run import config_diff
+    points = []
+    base_cfg = C.load_dict(base)
+    searched = {p.key for p in params}
+    for f in base["search"]["start_from"] or []:
+        key = f"search.start_from: {os.path.relpath(f)}"
+        if not Path(f).is_file():
+            raise ConfigError(f"start_from file not found: {f}; check the path (relative to the search file)",
+                              file=file, key="search.start_from")
+        try:
+            raw = copy.deepcopy({k: v for k, v in base.items() if k not in ("search", "space")})
+            C.merge(raw, C.read_file(f, []))
+            if raw["model"]["name"] != base_cfg.model.name:
+                raise ConfigError(f"is a config of {raw['model']['name']}, but the search trains "
+                                  f"{base_cfg.model.name}; give a {base_cfg.model.name} config", file=f, key="model.name")
+            start = C.load_dict({**raw, "search": None, "space": None}, default_file=f)
+        except ConfigError as e:
+            raise ConfigError(f"start_from: {e}", file=file, key="search.start_from") from None
+        values = C.to_dict(start)
+        point = {}
+        for p in params:
+            if p.kind == "grid":
+                continue
+            v = C.get_dotted(values, p.key)
+            if p.kind in ("uniform", "loguniform", "int"):
+                if not (isinstance(v, (int, float)) and p.args[0] <= v <= p.args[1]):
+                    raise ConfigError(f"{p.key} = {v!r} lies outside the space's range {list(p.args)}; widen the "
+                                      "range or change the file", file=file, key=key)
+                point[p.key] = v
+                continue
+            match = [a for a in p.args if a == v]
+            if not match and v is not None and (p.key in ("gating.gate", "gating.trainable")
+                                                or re.fullmatch(r"train\.phases\.\d+\.trainable", p.key)):
+                sites = set(models.resolve_sites(start.model.name, v))
+                match = [a for a in p.args if set(models.resolve_sites(start.model.name, a)) == sites]
+            if not match:
+                raise ConfigError(f"{p.key} = {v!r} is not one of the space's choices {list(p.args)}; add it to "
+                                  "the choice or change the file", file=file, key=key)
+            point[p.key] = match[0]
+        ignored = [k for k in config_diff(C.to_dict(base_cfg), values)
+                   if k not in searched and k != "name" and not k.startswith(("search", "space"))]
+        if ignored and notices is not None:
+            notices.append(f"notice: start_from {os.path.relpath(f)} also sets {', '.join(ignored[:4])}, which the "
+                           "space does not search: the search config's values are used")
+        points.append(S.check_point(point, params, file or "", key))
+    return points
 
 
 def _check_values(base: dict, p: S.Param, file: str) -> None:
@@ -177,12 +239,25 @@ def _scheduler(cfg: C.Config, run_dir: str, params: list[S.Param], **metric_mode
     if s.name == "fifo":
         return FIFOScheduler()
     log = os.path.join(run_dir, "decisions.jsonl") if "://" not in run_dir else None
-    common = dict(time_attr="epoch", max_t=cfg.train.epochs, grace_period=s.grace_period,
+    common = dict(time_attr="epoch", max_t=max_epochs(cfg, params), grace_period=s.grace_period,
                   reduction_factor=s.reduction_factor, **metric_mode)
     if s.name == "asha":
         return RecordingASHA(log, **common)
     return DensityStratifiedASHA(_density_buckets(cfg, params), default=cfg.gating.density,
                                  tolerance=s.off_target_tolerance, log=log, **common)
+
+
+def max_epochs(cfg: C.Config, params: list[S.Param]) -> int:
+    """The most epochs any trial can train: train.epochs, or more when the space searches it or a
+    phase's epochs (ASHA's max_t; a trial past max_t would be cut)."""
+    def top(p: S.Param) -> int:
+        return int(max(p.args))
+    if any(p.key == "train.epochs" for p in params):
+        return max(top(p) for p in params if p.key == "train.epochs")
+    phases = cfg.train.phases or []
+    searched = {p.key: top(p) for p in params if re.fullmatch(r"train\.phases\.\d+\.epochs", p.key)}
+    return sum(max(ph.epochs, searched.get(f"train.phases.{i}.epochs", 0)) for i, ph in enumerate(phases)) \
+        or cfg.train.epochs
 
 
 def _density_buckets(cfg: C.Config, params: list[S.Param]) -> list[float]:
@@ -246,8 +321,9 @@ def _tuner(cfg: C.Config, base: dict, params: list[S.Param], run_dir: str, verbo
     if "://" not in run_dir:
         storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(run_dir, 'optuna.db')}")
     metric, mode = _objectives(cfg)
+    points = start_points(base, params) if base["search"].get("start_from") else None
     searcher = OptunaSearch(S.define_by_run(params, base), metric=metric, mode=mode, sampler=_sampler(cfg),
-                            storage=storage, study_name=cfg.name)
+                            storage=storage, study_name=cfg.name, points_to_evaluate=points)
     multi = isinstance(metric, list)   # TuneConfig takes one metric; the scheduler gets top1 itself
     parent, name = run_dir.rstrip("/").rsplit("/", 1)
     return tune.Tuner(
@@ -256,7 +332,7 @@ def _tuner(cfg: C.Config, base: dict, params: list[S.Param], run_dir: str, verbo
             metric=None if multi else metric, mode=None if multi else mode, search_alg=searcher,
             scheduler=_scheduler(cfg, run_dir, params, **({"metric": srch.metric, "mode": srch.mode} if multi else {})),
             num_samples=_expected(cfg, params), max_concurrent_trials=_concurrency(cfg),
-            reuse_actors=True, time_budget_s=srch.time_budget_s,
+            reuse_actors=REUSE_ACTORS, time_budget_s=srch.time_budget_s,
             trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
             name=name, storage_path=parent, verbose=2 if verbose else 0,
@@ -264,7 +340,7 @@ def _tuner(cfg: C.Config, base: dict, params: list[S.Param], run_dir: str, verbo
             checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                     checkpoint_score_attribute="top1",
                                                     checkpoint_score_order="max"),
-            callbacks=[_Console(cfg.train.epochs)]),
+            callbacks=[_Console(max_epochs(cfg, params))]),
     )
 
 
@@ -288,6 +364,8 @@ def _finish(run_dir: str, results, cfg: C.Config, started: float, params: list[S
         print(f"\nsearch ended after {time.time() - started:.0f} s; run `gatetune report` on a local copy of {run_dir}")
         return results.num_errors < len(results)
     from gatetune import results as R
+    from gatetune.tuning.run import pareto_latency
+    pareto_latency(run_dir)   # <trial>/latency.json for the Pareto trials: the report's latency_ratio
     df = R.write_report(run_dir)
     expected = _expected(cfg, params)
     unfinished = int(df["status"].isin(["running", "pending"]).sum()) + max(0, expected - len(df))
@@ -311,11 +389,11 @@ def _rung_summary(results, cfg: C.Config, params: list[S.Param]) -> None:
     s = cfg.search.scheduler
     if s.name == "fifo":
         return
-    rungs, m = [], s.grace_period
-    while m < cfg.train.epochs:
+    rungs, m, top = [], s.grace_period, max_epochs(cfg, params)
+    while m < top:
         rungs.append(m)
         m *= s.reduction_factor
-    rungs.append(cfg.train.epochs)
+    rungs.append(top)
     buckets = _density_buckets(cfg, params) if s.name == "asha_by_density" else [None]
     for b in buckets:
         epochs = [r.metrics.get("epoch", 0) for r in results if r.metrics and (b is None or b == nearest_bucket(
@@ -323,7 +401,7 @@ def _rung_summary(results, cfg: C.Config, params: list[S.Param]) -> None:
         if not epochs:
             continue
         reached = ", ".join(f"{sum(e >= r for e in epochs)} reached epoch {r:g}" for r in rungs)
-        early = sum(e < cfg.train.epochs for e in epochs)
+        early = sum(e < top for e in epochs)
         label = "ASHA" if b is None else f"ASHA density {b:g}"
         print(f"{label}: {reached}; {early} of {len(epochs)} stopped early")
 
@@ -339,6 +417,11 @@ def run_search(cfg: C.Config, *, address: str | None = None, name: str | None = 
     if name:
         cfg = cfg.model_copy(update={"name": name})
     base, params = prepare(cfg, file)
+    notices = cfg.notices
+    if base["search"].get("start_from"):
+        start_points(base, params, notices=notices)
+    for line in notices:
+        print(line, file=sys.stderr)
     run_dir = _run_dir(storage, cfg.name)
     if "://" not in run_dir and (Path(run_dir) / _BASE_FILE).exists():
         raise ConfigError(f"already holds a search; continue it with `gatetune resume {run_dir}` "

@@ -16,7 +16,7 @@ A gate loss that becomes NaN/inf or exceeds train.max_gate_loss stops the run at
 """
 from __future__ import annotations
 
-__all__ = ["fit", "evaluate", "pick_device", "build_model", "METRICS"]
+__all__ = ["fit", "evaluate", "pick_device", "build_model", "lr_at", "phase_of", "METRICS"]
 
 import math
 import socket
@@ -54,8 +54,10 @@ def build_model(cfg: C.Config, data: Data) -> models.GatedNet:
 
 
 def _optimizer(cfg: C.Config, net: torch.nn.Module) -> torch.optim.Optimizer:
+    """Over every parameter: frozen ones (requires_grad False, no grad) are skipped by the step, and a
+    later phase may unfreeze them."""
     o = cfg.train.optimizer
-    params = [p for p in net.parameters() if p.requires_grad]
+    params = list(net.parameters())
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
                                nesterov=o.nesterov and o.momentum > 0)
@@ -63,13 +65,19 @@ def _optimizer(cfg: C.Config, net: torch.nn.Module) -> torch.optim.Optimizer:
     return cls(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def _lr_schedule(cfg: C.Config, opt: torch.optim.Optimizer):
-    s = cfg.train.lr_schedule
+def lr_at(cfg: C.Config, phase: C.Phase, epoch: int) -> float:
+    """The learning rate of `epoch`: the phase's rate under train.lr_schedule, which restarts each phase
+    (one phase = the whole run without train.phases)."""
+    s, e, n = cfg.train.lr_schedule, epoch - phase.start, phase.end - phase.start
     if s.name == "step":
-        return torch.optim.lr_scheduler.StepLR(opt, step_size=s.decay_epochs, gamma=s.gamma)
+        return phase.lr * s.gamma ** (e // s.decay_epochs)
     if s.name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs)
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        return phase.lr * (1 + math.cos(math.pi * e / n)) / 2
+    return phase.lr
+
+
+def phase_of(plan: list[C.Phase], epoch: int) -> C.Phase:
+    return next(p for p in plan if p.start <= epoch < p.end)
 
 
 @torch.inference_mode()
@@ -123,11 +131,13 @@ class _Progress:
 
 
 def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict | None = None,
-        device: torch.device | None = None, data: Data | None = None, progress: bool = False) -> dict:
+        device: torch.device | None = None, data: Data | None = None, progress: bool = False,
+        dist=None) -> dict:
     """Train `cfg` to train.epochs (or divergence); returns the last metrics.
 
     on_epoch(metrics, state) is called after every epoch (and once on divergence, with state None).
     resume: a checkpoint dict from an earlier call's on_epoch; training continues after its epoch.
+    dist: a distributed.DistContext when this is one rank of a data-parallel run (data is its shard).
     """
     device = device or pick_device(cfg)
     if cfg.train.threads:
@@ -139,13 +149,13 @@ def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict |
     if amp:
         net = net.to(memory_format=torch.channels_last)
     opt = _optimizer(cfg, net)
-    sched = _lr_schedule(cfg, opt)
+    model = net if dist is None else dist.wrap(net)   # the training forward; DDP averages gradients
+    plan = C.phase_plan(cfg)
     history: list[dict] = []
     start = 0
     if resume is not None:
         net.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["rng"])
         start, history = resume["epoch"], list(resume.get("history", []))
     bar = _Progress(progress)
@@ -153,6 +163,11 @@ def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict |
     node = socket.gethostname()
     bs = cfg.train.batch_size
     for epoch in range(start, cfg.train.epochs):
+        phase = phase_of(plan, epoch)
+        net.set_trainable(phase.trainable)
+        net.set_gate_weights(phase.weights)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, phase, epoch)
         net.train()
         net.read_densities(reset=True)
         nb = data.train.num_batches(bs, drop_last=True)
@@ -163,7 +178,7 @@ def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict |
             if amp:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = net(x)
+                logits = model(x)
                 task = F.cross_entropy(logits.float(), y)
                 gate = net.gate_loss()
             opt.zero_grad(set_to_none=True)
@@ -173,7 +188,8 @@ def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict |
             if i % _CHECK_EVERY == 0 or i == nb - 1:
                 g, t = float(gate.detach()), float(task.detach())
                 gate_losses.append(g)
-                if not (math.isfinite(g) and math.isfinite(t)) or g > cfg.train.max_gate_loss:
+                bad = not (math.isfinite(g) and math.isfinite(t)) or g > cfg.train.max_gate_loss
+                if bad if dist is None else dist.any(bad):   # every rank stops at the same step
                     metrics = {**{k: last.get(k, 0.0) for k in METRICS}, **_nonfinite_safe(last)}
                     metrics.update(epoch=epoch + (i + 1) / nb, gate_loss=g if math.isfinite(g) else -1.0,
                                    diverged=True, node=node, lr=lr)
@@ -184,7 +200,6 @@ def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict |
                 bar.update(epoch + (i + 1) / nb, gate_losses, dens,
                            f"loss: {t:.4f} | tp: {seen / (time.perf_counter() - t0):.0f}/s")
         train_s = time.perf_counter() - t0
-        sched.step()
         metrics = {"epoch": float(epoch + 1), **evaluate(net, data.val, max(bs, 256), amp)}
         metrics.update(gate_loss=sum(gate_losses) / max(len(gate_losses), 1), lr=lr,
                        images_per_s=seen / train_s, node=node, diverged=False)
@@ -194,7 +209,7 @@ def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict |
         bar.update(metrics["epoch"], gate_losses, metrics["density"],
                    f"top1: {metrics['top1']:.2f}% | top5: {metrics['top5']:.2f}% | "
                    f"macs: {100 * metrics['macs_ratio']:.1f}% | tp: {metrics['images_per_s']:.0f}/s", final=True)
-        state = {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        state = {"model": net.state_dict(), "optimizer": opt.state_dict(),
                  "epoch": epoch + 1, "rng": torch.get_rng_state(), "config": C.to_dict(cfg),
                  "history": history}
         on_epoch(metrics, state)

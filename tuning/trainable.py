@@ -3,7 +3,9 @@
 Each epoch reports the metrics of DESIGN.md with a checkpoint (`tune.report(metrics, checkpoint=...)`).
 A trial restarted after its node or worker died gets its latest checkpoint from `tune.get_checkpoint()`
 and continues after that epoch. Imports come from `ray.tune` only (ray.train's report is Train V2 and
-fails inside Tune).
+fails inside Tune). A trial granted N >= 2 GPUs (search.resources.gpu: N) trains data-parallel on them,
+train.batch_size per GPU (tuning/distributed.py; train.processes overrides N, and on CPU starts gloo
+processes).
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def trial(config: dict, base: dict) -> None:
     cfg = C.with_params(C.load_dict(base), config)
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(cfg.train.threads or max(1, int(cpus)))
-    device = pick_device(cfg, gpu_granted=bool(ray.get_gpu_ids()))
+    gpus = len(ray.get_gpu_ids())
+    device = pick_device(cfg, gpu_granted=gpus > 0)
     resume = None
     if (checkpoint := tune.get_checkpoint()) is not None:
         with checkpoint.as_directory() as d:
@@ -70,4 +73,10 @@ def trial(config: dict, base: dict) -> None:
             ckpt.save_atomic(state, os.path.join(d, ckpt.CKPT_NAME))
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
+    from gatetune.tuning.distributed import fit_distributed, plan
+    processes, backend = plan(cfg, gpus)
+    if processes > 1:   # data-parallel over the granted GPUs (cuda:0..N-1 here), or CPU processes
+        fit_distributed(cfg, report, processes, backend, resume=resume,
+                        threads=cfg.train.threads or max(1, int(cpus) // processes))
+        return
     fit(cfg, report, resume=resume, device=device, data=_data(cfg, device))

@@ -1,0 +1,120 @@
+"""Realised speed of gating: batch-1 CPU latency of the channel-skipping path against the dense network.
+
+For each model, one set of random weights (BN running statistics calibrated on random images, so the
+activations have a realistic scale) is gated at each density (top-k: the density is exact). Variants,
+timed call by call in turn on the same images so that machine noise hits all alike (medians):
+  plain    the registry's dense network as trained (conv + BN + ReLU), no gates
+  dense    the same weights as the gated nets, every gated conv computing all channels, BN folded
+           (models.dense_net: the latency_ratio baseline of `gatetune eval`, a strict one)
+  masked   the gated network as trained and evaluated (all channels computed, losers zeroed)
+  skip     models.SkipNet: only the kept output channels, over the non-zero input channels
+Outputs of skip are checked against masked (max |difference| relative to max |masked|).
+The last line is `bench inference: ratio=R goal=0.6 met=yes|no ...` with R = skip / dense latency of
+mcifarnet at density 0.5 (vs_plain: the same against `plain`); resnet20 and the other densities follow
+as key=value items.
+
+    python bench/inference.py                       # mcifarnet and resnet20, 1 thread, ~1 min on 2 cores
+    python bench/inference.py --threads 2 --rounds 8
+    python bench/inference.py --models mcifarnet --densities 0.5
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+
+import torch
+
+from gatetune import models
+from gatetune.models.skip import time_interleaved
+
+GOAL = 0.6   # issue 6: skipping latency at density 0.5 <= 0.6 x dense
+
+
+@torch.no_grad()
+def _calibrate(net: torch.nn.Module, c_in: int, size: int, batches: int = 4) -> None:
+    """BN running statistics = the average over a few random batches (instead of mean 0, var 1)."""
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.track_running_stats]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None   # cumulative average
+    net.train()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(batches):
+        net(torch.randn(32, c_in, size, size, generator=gen))
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    net.eval()
+
+
+def _gated(name: str, density: float, state: dict | None) -> models.GatedNet:
+    """`name` gated at every site at `density`, with the weights of `state` when given."""
+    c_in, size = models.default_input(name)
+    sites = {s: models.SiteSpec(gate=True, density=density) for s in models.site_names(name)}
+    net = models.build(name, num_classes=10, in_channels=c_in, input_size=size, sites=sites)
+    if state is not None:   # the same weights at every density (top-k count is not a weight)
+        net.load_state_dict(state)
+    return net.eval()
+
+
+def measure(name: str, densities: list[float], images: int, rounds: int) -> dict:
+    torch.manual_seed(0)
+    c_in, size = models.default_input(name)
+    plain = models.build(name, num_classes=10, in_channels=c_in, input_size=size).eval()
+    _calibrate(plain, c_in, size)
+    first = _gated(name, densities[0], None)
+    nets = {d: first if d == densities[0] else _gated(name, d, first.state_dict()) for d in densities}
+    for net in nets.values():   # each density its own BN statistics (what it would be trained to)
+        _calibrate(net, c_in, size)
+    fns = {"plain": plain, "dense": models.dense_net(first)}
+    for d, net in nets.items():
+        fns[f"masked@{d:g}"] = net
+        fns[f"skip@{d:g}"] = models.SkipNet(net)
+    x = torch.randn(images, c_in, size, size, generator=torch.Generator().manual_seed(2))
+    errors = {}
+    with torch.inference_mode():
+        for d, net in nets.items():
+            ref = net(x)
+            err = float((fns[f"skip@{d:g}"](x) - ref).abs().max() / ref.abs().max())
+            errors[d] = float("inf") if math.isnan(err) else err   # NaN (an overflow) counts as a mismatch
+    times = time_interleaved(fns, x.split(1), rounds=rounds, warmup=2)
+    return {"ms": {k: 1e3 * statistics.median(v) for k, v in times.items()}, "errors": errors}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["mcifarnet", "resnet20"])
+    ap.add_argument("--densities", nargs="+", type=float, default=[0.25, 0.5, 0.75])
+    ap.add_argument("--images", type=int, default=16, help="distinct batch-1 inputs per round")
+    ap.add_argument("--rounds", type=int, default=5, help="timed passes over the inputs (after 2 warm-up)")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s), batch 1, median of "
+          f"{a.images * a.rounds} interleaved forwards per variant; ratio = variant / dense (BN folded)")
+    print(f"{'model':<10} {'density':>7} {'plain ms':>9} {'dense ms':>9} {'masked ms':>10} {'skip ms':>8} "
+          f"{'skip/dense':>10} {'skip/plain':>10} {'masked/dense':>12} {'max rel err':>11}")
+    ratios, vs_plain, worst_err = {}, {}, 0.0
+    for name in a.models:
+        r = measure(name, a.densities, a.images, a.rounds)
+        ms = r["ms"]
+        for d in a.densities:
+            skip, masked = ms[f"skip@{d:g}"], ms[f"masked@{d:g}"]
+            ratios[(name, d)] = skip / ms["dense"]
+            vs_plain[(name, d)] = skip / ms["plain"]
+            worst_err = max(worst_err, r["errors"][d])
+            print(f"{name:<10} {d:>7g} {ms['plain']:>9.3f} {ms['dense']:>9.3f} {masked:>10.3f} {skip:>8.3f} "
+                  f"{skip / ms['dense']:>10.3f} {skip / ms['plain']:>10.3f} {masked / ms['dense']:>12.3f} "
+                  f"{r['errors'][d]:>11.1e}")
+    match = worst_err <= 1e-4
+    key = ("mcifarnet", 0.5) if ("mcifarnet", 0.5) in ratios else next(iter(ratios))
+    ratio = ratios[key]
+    extra = " ".join(f"{n}@{d:g}={v:.3f}" for (n, d), v in ratios.items() if (n, d) != key)
+    print(f"bench inference: ratio={ratio:.3f} goal={GOAL} met={'yes' if ratio <= GOAL else 'no'} "
+          f"model={key[0]}@{key[1]:g} vs_plain={vs_plain[key]:.3f} {extra} outputs_match={'yes' if match else 'no'} "
+          f"max_rel_err={worst_err:.1e} threads={torch.get_num_threads()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Several processes per run (tuning/distributed.py): batch sharding, process planning, and (slow) a
+digits run on two gloo CPU processes: shards, synchronised weights, checkpoints, exact resume."""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import yaml
+
+from gatetune.tuning import checkpoint as ckpt
+from gatetune.tuning import config as C
+from gatetune.tuning.data import DataSpec, load
+from gatetune.tuning.distributed import ShardedLoader, _FirstBatch, fit_distributed, plan
+from gatetune.tuning.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "search_spaces", "digits.yaml")
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_loader_gives_each_rank_its_batch_of_every_step(world):
+    train = load(DataSpec("fake", fake_train=100, fake_val=8, image_size=8), CPU, seed=3).train
+    bs, kw = 8, dict(epoch=1, shuffle=True, augment=True)
+    single = list(train.batches(bs, drop_last=True, **kw))
+    big = list(train.batches(bs * world, drop_last=True, **kw))     # one process, batch world x bs
+    steps = 100 // (bs * world)
+    shards = [ShardedLoader(train, r, world) for r in range(world)]
+    got = [list(s.batches(bs, **kw)) for s in shards]
+    for r, s in enumerate(shards):
+        assert s.num_batches(bs) == len(got[r]) == steps         # every rank makes the same number of steps
+        for step, (x, y) in enumerate(got[r]):
+            assert torch.equal(x, single[step * world + r][0]) and torch.equal(y, single[step * world + r][1])
+    for step in range(steps):   # a step trains on the images of one batch of world x bs, in its order
+        assert torch.equal(torch.cat([got[r][step][0] for r in range(world)]), big[step][0])
+        assert torch.equal(torch.cat([got[r][step][1] for r in range(world)]), big[step][1])
+
+
+def test_first_batch_only():
+    val = load(DataSpec("fake", fake_train=8, fake_val=20), CPU, seed=0).val
+    one = _FirstBatch(val)
+    assert one.num_batches(8) == 1 and len(list(one.batches(8))) == 1
+
+
+def test_plan_processes_and_backend(monkeypatch):
+    cfg = C.load(DIGITS)
+    assert plan(cfg) == (1, "gloo") and plan(cfg, gpus_granted=0) == (1, "gloo")
+    two = C.load(DIGITS, ["train.processes=2"])
+    assert plan(two) == (2, "gloo") and plan(two, gpus_granted=0) == (2, "gloo")
+    assert plan(C.load(DIGITS, ["train.device=cpu", "train.processes=2"]), gpus_granted=2) == (2, "gloo")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert plan(cfg, gpus_granted=2) == (2, "nccl")      # a trial uses every GPU it was granted
+    assert plan(cfg, gpus_granted=1) == (1, "nccl")
+    assert plan(cfg) == (1, "nccl")                      # gatetune train: one GPU unless asked
+    assert plan(two) == (2, "nccl")
+    with pytest.raises(ConfigError, match="2 processes need one GPU each"):
+        plan(two, gpus_granted=1)
+    with pytest.raises(ConfigError, match="8 processes"):
+        plan(C.load(DIGITS, ["train.processes=8"]))
+    with pytest.raises(ConfigError, match="processes"):
+        C.load(DIGITS, ["train.processes=0"])
+
+
+def _fingerprints(train, epoch: int, bs: int) -> list[tuple]:
+    return [(float(x.double().sum()), int(y.sum()), len(y))
+            for x, y in train.batches(bs, epoch=epoch, shuffle=True, augment=True, drop_last=True)]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_train_digits(tmp_path):
+    """2 epochs of gated digitnet on 2 CPU processes (gloo), batch 32 per process; then resume epoch 2
+    from the epoch-1 checkpoint through `gatetune train`'s path and get the same weights."""
+    cfg = C.load(DIGITS, ["train.epochs=2", "train.batch_size=32", "train.processes=2", "train.threads=1"])
+    got, probe = [], []
+    last = fit_distributed(cfg, lambda m, s: got.append((m, s)), 2, "gloo", probe=probe)
+
+    # every epoch reached on_epoch in this process, with metrics and a full state
+    assert [m["epoch"] for m, _ in got] == [1.0, 2.0] and last["epoch"] == 2.0 and not last["diverged"]
+    assert got[1][0]["loss"] < got[0][0]["loss"] and last["top1"] > 30       # it learns (chance: 10%)
+    assert abs(last["density"] - 0.5) < 1e-6 and all(math.isfinite(m["gate_loss"]) for m, _ in got)
+
+    # the ranks trained on disjoint halves of each step: batches 2s and 2s+1 of the single-process order
+    data = load(C.data_spec(cfg), CPU, seed=cfg.seed)
+    steps = len(data.train) // 64
+    for epoch in (0, 1):
+        ref = _fingerprints(data.train, epoch, 32)
+        seen = [p["batches"][epoch] for p in sorted(probe, key=lambda p: p["rank"])]
+        for r in (0, 1):
+            assert len(seen[r]) == steps
+            assert all(a[1:] == b[1:] and a[0] == pytest.approx(b[0], rel=1e-9)
+                       for a, b in zip(seen[r], ref[r::2]))
+        assert not {f[:2] for f in seen[0]} & {f[:2] for f in seen[1]}
+
+    # DDP kept the weights identical, and the checkpoint is rank 0's unwrapped network
+    p0, p1 = (p["params"] for p in sorted(probe, key=lambda p: p["rank"]))
+    assert p0.keys() == p1.keys() and all(torch.equal(p0[k], p1[k]) for k in p0)
+    state = got[1][1]
+    fresh = load(C.data_spec(cfg), CPU, seed=cfg.seed)
+    from gatetune.tuning.train import build_model
+    assert list(state["model"]) == list(build_model(cfg, fresh).state_dict())   # no "module." prefixes
+    assert all(torch.equal(state["model"][k], p0[k]) for k in p0)
+
+    # resume after epoch 1 through train_run (the CLI path): the same epoch-2 weights, bit for bit
+    from gatetune.tuning.run import train_run
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
+    ckpt.RunFolder(out, cfg.train.keep_checkpoints).save(got[0][1], got[0][1]["history"])
+    _, m = train_run(cfg, out, progress=False)
+    assert m["epoch"] == 2.0
+    resumed = ckpt.read(out / "checkpoints" / "epoch_002.pt")["model"]
+    assert resumed.keys() == state["model"].keys()
+    assert all(torch.equal(resumed[k], state["model"][k]) for k in resumed)
+
+
+@pytest.mark.slow
+def test_divergence_stops_every_rank(tmp_path):
+    """A gate loss over train.max_gate_loss on the ranks: all stop at the same step (none waits in a
+    collective) and the run folder records the diverged step, as for one process."""
+    from gatetune.tuning.run import train_run
+    cfg = C.load(DIGITS, ["train.epochs=2", "train.processes=2", "train.threads=1", "gating.weight=1.0e+6",
+                          "train.max_gate_loss=100"])
+    out, m = train_run(cfg, tmp_path / "d", progress=False)
+    assert m["diverged"] is True and m["epoch"] <= 1.0
+    assert (out / "metrics.csv").read_text().count("\n") == 2 and not (out / "checkpoints").exists()

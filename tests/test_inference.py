@@ -1,0 +1,158 @@
+"""Channel-skipping inference (models/skip.py): same outputs as the masked GatedNet, the dense baseline,
+latency_ratio in `gatetune eval` and in a search report's Pareto trials."""
+import json
+import os
+
+import pytest
+import torch
+import yaml
+
+from gatetune import models
+from gatetune.models import SiteSpec, SkipNet, dense_net, measure_latency
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "search_spaces", "digits.yaml")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@torch.no_grad()
+def _gated(name: str, policy: str, density: float, gate="all", size=None, seed=0) -> models.GatedNet:
+    """`name` gated at `gate` sites, BN statistics from random batches (realistic scales), random betas."""
+    torch.manual_seed(seed)
+    c_in, default = models.default_input(name)
+    size = size or default
+    sites = {s: SiteSpec(gate=True, density=density) for s in models.resolve_sites(name, gate)}
+    net = models.build(name, num_classes=10, in_channels=c_in, input_size=size, policy=policy, sites=sites)
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.momentum = None
+    net.train()
+    for _ in range(2):
+        net(torch.randn(8, c_in, size, size))
+    for g in net.gates.values():
+        if g.beta is not None:
+            g.beta.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def _check_match(net, size, n=3):
+    c_in = models.default_input(net.model_name)[0]
+    x = torch.randn(n, c_in, size, size)
+    with torch.inference_mode():
+        # against the masked net at batch 1, as the skipping path runs: in a batch, float rounding differs
+        # and a near-tie of two saliencies can keep the other channel (seen on mobilenet_v1)
+        ref = torch.cat([net(x[i:i + 1]) for i in range(n)])
+        out = SkipNet(net)(x)
+    assert torch.isfinite(ref).all()
+    scale = ref.abs().max()
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(scale)), float((out - ref).abs().max() / scale)
+
+
+@pytest.mark.parametrize("name", ["mcifarnet", "resnet20"])
+@pytest.mark.parametrize("policy", ["fbs", "mse"])
+@pytest.mark.parametrize("density", [0.25, 0.5, 1.0])
+def test_skip_matches_masked(name, policy, density):
+    _check_match(_gated(name, policy, density), 32)
+
+
+@pytest.mark.parametrize("name, gate, size", [
+    ("mcifarnet", "conv0,conv2,conv3,conv6", 32),      # plain convs between gated ones
+    ("resnet20", "layer1,layer3.2.conv1", 32),          # a block with only conv1 gated
+    ("digitnet", "all", 16),
+    ("squeezenet_v11", "all", 64),                      # no BN; Fire concat of compact halves
+    ("squeezenet_v11", "fire3.expand3,fire5", 64),
+    ("mobilenet_v1", "all", 64),                        # depthwise gates, ReLU6
+    ("mobilenet_v1", "conv{9..13}.pointwise", 64),
+])
+@pytest.mark.parametrize("policy", ["fbs", "mse"])
+def test_skip_matches_masked_other_models_and_partial_gating(name, gate, size, policy):
+    _check_match(_gated(name, policy, 0.5, gate=gate, size=size), size, n=2)
+
+
+def test_skip_is_a_snapshot_for_inference_only():
+    net = _gated("digitnet", "fbs", 0.5)
+    fast = SkipNet(net)
+    assert not fast.training
+    with pytest.raises(RuntimeError, match="inference only"):
+        fast.train()
+    # the copy shares the network's tensors (no second copy of the weights)
+    assert fast.net.fc.weight.data_ptr() == net.net.fc.weight.data_ptr()
+    with pytest.raises(models.ModelError, match="no gated conv"):
+        SkipNet(models.build("digitnet", num_classes=10, in_channels=1, input_size=16))
+
+
+def test_dense_net_is_the_gate_at_density_one_with_a_constant_saliency():
+    net = _gated("resnet20", "fbs", 1.0)
+    with torch.no_grad():
+        for g in net.gates.values():
+            g.predictor.weight.zero_()   # s = relu(bias) for every image: what dense_net folds in
+    dense = dense_net(net)
+    assert not any(isinstance(m, models.GatedConv2d) for m in dense.modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        ref, out = net(x), dense(x)
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_measure_latency_keys():
+    net = _gated("digitnet", "fbs", 0.5)
+    threads = torch.get_num_threads()
+    m = measure_latency(net, torch.randn(2, 1, 16, 16), rounds=1)
+    assert set(m) == {"latency_ratio", "skip_ms", "dense_ms", "images", "threads"}
+    assert m["latency_ratio"] > 0 and m["skip_ms"] > 0 and m["images"] == 2 and m["threads"] == 1
+    assert torch.get_num_threads() == threads   # restored
+
+
+def _checkpoint(path, overrides=()):
+    """A gatetune checkpoint of an untrained digitnet (no training: the eval path is what is tested)."""
+    from gatetune.tuning import config as C
+    from gatetune.tuning.data import load
+    from gatetune.tuning.train import build_model
+    cfg = C.load(DIGITS, ["train.epochs=1", *overrides])
+    net = build_model(cfg, load(C.data_spec(cfg), torch.device("cpu"), seed=cfg.seed))
+    state = {"model": net.state_dict(), "config": C.to_dict(cfg), "epoch": 1, "history": []}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return cfg
+
+
+def test_eval_prints_latency_ratio(tmp_path, capsys):
+    from gatetune.tuning.cli import main
+    _checkpoint(tmp_path / "gated.pt")
+    _checkpoint(tmp_path / "dense.pt", ["gating.gate=none"])
+    assert main(["eval", str(tmp_path / "gated.pt")]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("latency_ratio: "))
+    assert float(line.split()[1]) > 0 and "dense" in line and "batch 1" in line
+    assert main(["eval", str(tmp_path / "dense.pt")]) == 0
+    assert "latency_ratio: n/a" in capsys.readouterr().out
+
+
+def test_pareto_latency_writes_latency_json_that_the_report_reads(tmp_path):
+    """A hand-made search folder (no Ray): two trials with a checkpoint each, one dominating."""
+    from gatetune import results
+    from gatetune.tuning.run import pareto_latency
+    run = tmp_path / "search"
+    cfg = _checkpoint(run / "trial_aaaa0001" / "checkpoint_000000" / "state.pt")
+    _checkpoint(run / "trial_aaaa0002" / "checkpoint_000000" / "state.pt")
+    from gatetune.tuning import config as C
+    (run / "gatetune.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
+    for tid, top1 in (("aaaa0001", 90.0), ("aaaa0002", 80.0)):
+        (run / f"trial_{tid}" / "params.json").write_text("{}")
+        (run / f"trial_{tid}" / "result.json").write_text(json.dumps(
+            {"trial_id": tid, "epoch": 1.0, "training_iteration": 1, "top1": top1, "top5": 99.0,
+             "density": 0.5, "macs_ratio": 0.3, "done": True}) + "\n")
+    assert pareto_latency(run, images=2, rounds=1) == 1
+    record = json.loads((run / "trial_aaaa0001" / "latency.json").read_text())
+    assert record["checkpoint"] == "checkpoint_000000" and record["latency_ratio"] > 0
+    assert not (run / "trial_aaaa0002" / "latency.json").exists()   # dominated: not measured
+    df = results.table(run).set_index("trial_id")
+    assert df.loc["aaaa0001", "latency_ratio"] == pytest.approx(record["latency_ratio"])
+    assert df.loc["aaaa0001", "pareto"] and df["latency_ratio"].isna().sum() == 1
