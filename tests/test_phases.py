@@ -18,8 +18,7 @@ TWO = ["train.phases=[{epochs: 1, trainable: none, weight: 1.0e-4, lr: 0.05}, "
        "{epochs: 2, trainable: all, weight_factor: 0.1, lr: 0.02}]", "train.lr_schedule.name=constant"]
 
 
-def test_phases_freeze_then_train_with_their_own_weight_and_lr():
-    torch.set_num_threads(1)
+def test_phases_freeze_then_train_with_their_own_weight_and_lr(one_thread):
     cfg = C.load(DIGITS, TWO)
     assert cfg.train.epochs == 3                                   # the phases' sum replaces digits.yaml's 10
     plan = C.phase_plan(cfg)

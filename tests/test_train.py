@@ -18,12 +18,7 @@ DIGITS = os.path.join(ROOT, "search_spaces", "digits.yaml")
 CLI = [sys.executable, "-m", "gatetune.tuning.cli"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_train_writes_run_folder_and_metrics(tmp_path):

@@ -441,7 +441,7 @@ def _error_line(err: dict) -> tuple[str, str]:
     kind, got = err["type"], err.get("input")
     ctx = err.get("ctx") or {}
     if any(str(part) in ("str", "list[str]") for part in err["loc"]):   # str | list[str]: site patterns
-        return key, (f"must be a site pattern or a list of them (strings), got {_input_of(err, got)!r}; "
+        return key, (f"must be a site pattern or a list of them (strings), got {got!r}; "
                      "write e.g. all, none, conv1, \"fire[6-9]\" or [conv1, conv2]")
     if kind == "missing":
         return key, f"{loc[-1]} is required here; add it"
@@ -454,12 +454,6 @@ def _error_line(err: dict) -> tuple[str, str]:
     if kind in _TYPES:
         return key, f"must be {_TYPES[kind]}, got {got!r} ({type(got).__name__}); change the value"
     return key, f"{err['msg']} (got {got!r}); change the value"
-
-
-def _input_of(err: dict, got):
-    """The whole value of a str | list[str] field (pydantic reports the bad list item)."""
-    loc = list(err["loc"])
-    return got if "list[str]" not in loc or loc.index("list[str]") == len(loc) - 1 else err.get("_whole", got)
 
 
 def _literal_options(ctx: dict) -> list[str]:

@@ -220,6 +220,19 @@ def load(spec: DataSpec, device: torch.device, seed: int = 0) -> Data:
     return _LOADERS[spec.dataset](spec, torch.device(device), seed)
 
 
+_CACHE: dict = {}
+
+
+def load_cached(spec: DataSpec, device: torch.device, seed: int = 0) -> Data:
+    """`load`, keeping the last dataset in this process: a Ray worker reused across trials, or latency
+    measured over many trials' checkpoints, reads it once."""
+    key = (repr(spec), str(device), seed)
+    if key not in _CACHE:
+        _CACHE.clear()
+        _CACHE[key] = load(spec, device, seed=seed)
+    return _CACHE[key]
+
+
 def _seed(seed: int, epoch: int, stream: str) -> int:
     """A 63-bit seed for one (seed, epoch, stream): a hash, so nearby seeds give unrelated streams."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{stream}".encode(), digest_size=8).digest()

@@ -76,7 +76,6 @@ def train_run(cfg: C.Config, out: str | Path, progress: bool = True) -> tuple[Pa
     from gatetune.tuning.distributed import fit_distributed, plan
     processes, backend = plan(cfg)   # train.processes > 1: data-parallel, batch_size per process
     if processes > 1:
-        import torch
         threads = cfg.train.threads or max(1, torch.get_num_threads() // processes)
         return out, fit_distributed(cfg, on_epoch, processes, backend, resume=resume, progress=progress,
                                     threads=threads)
@@ -130,12 +129,11 @@ def pareto_latency(run_dir: str | Path, images: int = 8, rounds: int = 2) -> int
     except R.ReportError:
         return 0
     front = df[(df["pareto"] | df["pareto_density"]) & (df["checkpoint"] != "")]
-    cache: dict = {}
     done = 0
     for _, row in front.iterrows():
         trial, checkpoint = row["checkpoint"].split("/", 1)
         try:
-            _, net, data = _load_checkpoint(run_dir / row["checkpoint"], (), device="cpu", cache=cache)
+            _, net, data = _load_checkpoint(run_dir / row["checkpoint"], (), device="cpu", cached=True)
             m = measure_latency(net, data, images, rounds)
         except Exception as e:   # noqa: BLE001  (a report must not fail for want of a latency)
             print(f"latency_ratio of trial {row['trial_id']} not measured: {type(e).__name__}: "
@@ -149,9 +147,9 @@ def pareto_latency(run_dir: str | Path, images: int = 8, rounds: int = 2) -> int
     return done
 
 
-def _load_checkpoint(path, overrides=(), device=None, cache: dict | None = None):
+def _load_checkpoint(path, overrides=(), device=None, cached: bool = False):
     """(config, GatedNet with the checkpoint's weights, eval mode, data) of a checkpoint; data is loaded on
-    `device` (default: the config's), from `cache` (data spec -> Data) when given."""
+    `device` (default: the config's), through data.load_cached when `cached`."""
     state = ckpt.read(path)
     raw = state["config"]
     for text in overrides:
@@ -160,16 +158,9 @@ def _load_checkpoint(path, overrides=(), device=None, cache: dict | None = None)
             raise ConfigError(f"only data.* keys can be changed for eval, got {key!r}", file="command line", key=key)
         C.set_dotted(raw, key, value)
     cfg = C.load_dict(raw, default_file=str(path))
-    from gatetune.tuning.data import load as load_data
+    from gatetune.tuning.data import load as load_data, load_cached
     device = torch.device(device) if device is not None else pick_device(cfg)
-    spec = C.data_spec(cfg)
-    key = (repr(spec), str(device), cfg.seed)
-    if cache is not None and key in cache:
-        data = cache[key]
-    else:
-        data = load_data(spec, device, seed=cfg.seed)
-        if cache is not None:
-            cache[key] = data
+    data = (load_cached if cached else load_data)(C.data_spec(cfg), device, seed=cfg.seed)
     net = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": None})}), data)
     try:
         net.load_state_dict(state["model"])

@@ -38,7 +38,7 @@ REUSE_ACTORS = True   # one worker process runs trial after trial; bench/overhea
 # ---------------------------------------------------------------------------------------------
 # validation (no Ray needed)
 
-def prepare(cfg: C.Config, file: str | None = None) -> tuple[dict, list[S.Param]]:
+def prepare(cfg: C.Config, file: str | None = None, notices: list[str] | None = None) -> tuple[dict, list[S.Param]]:
     """Check the search/space sections; returns (base config dict with absolute paths, params)."""
     where = (lambda key: file or cfg.source(key))
     if cfg.search is None:
@@ -58,7 +58,7 @@ def prepare(cfg: C.Config, file: str | None = None) -> tuple[dict, list[S.Param]
         src = cfg.source("search.start_from")
         root = Path(src).parent if not src.startswith(("command line", "config")) else Path.cwd()
         base["search"]["start_from"] = [str((root / f).resolve()) for f in cfg.search.start_from]
-        start_points(base, params, where("search.start_from"))   # checked now, before Ray starts
+        start_points(base, params, where("search.start_from"), notices)   # checked now, before Ray starts
     return base, params
 
 
@@ -416,10 +416,8 @@ def run_search(cfg: C.Config, *, address: str | None = None, name: str | None = 
     """Run the search; returns (run folder, False if every trial errored)."""
     if name:
         cfg = cfg.model_copy(update={"name": name})
-    base, params = prepare(cfg, file)
     notices = cfg.notices
-    if base["search"].get("start_from"):
-        start_points(base, params, notices=notices)
+    base, params = prepare(cfg, file, notices)
     for line in notices:
         print(line, file=sys.stderr)
     run_dir = _run_dir(storage, cfg.name)

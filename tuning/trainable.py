@@ -22,17 +22,9 @@ from gatetune.tuning import checkpoint as ckpt
 from gatetune.tuning import config as C
 from gatetune.tuning.errors import ConfigError
 
-_DATA_CACHE: dict = {}   # reuse_actors keeps this process alive across trials: load a dataset once
-
-
 def _data(cfg: C.Config, device: torch.device):
-    from gatetune.tuning.data import load
-    spec = C.data_spec(cfg)
-    key = (repr(spec), str(device), cfg.seed)
-    if key not in _DATA_CACHE:
-        _DATA_CACHE.clear()
-        _DATA_CACHE[key] = load(spec, device, seed=cfg.seed)
-    return _DATA_CACHE[key]
+    from gatetune.tuning.data import load_cached   # reuse_actors keeps this process alive across trials
+    return load_cached(C.data_spec(cfg), device, seed=cfg.seed)
 
 
 def resume_state(checkpoint_dir: str) -> dict | None:
