@@ -5,10 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 # torch/torchvision are pinned here, not in pyproject: elsewhere users install their own CUDA build.
+# Ray is pinned in both (pyproject: 2.60.*): tests/test_internals.py checks the internals gatetune uses.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 'ray[tune,default]==2.60.0'
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 

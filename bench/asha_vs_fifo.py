@@ -43,7 +43,7 @@ from gatetune import results  # noqa: E402
 from gatetune.tuning import config as C  # noqa: E402
 from gatetune.tuning.search import run_search  # noqa: E402
 
-GOAL = 0.35       # ASHA epochs / FIFO epochs (issue 6)
+GOAL = 0.35       # ASHA epochs / FIFO epochs
 TOP1_SLACK = 0.5  # points of top-1 ASHA's best may trail FIFO's
 ROOT = Path(__file__).resolve().parent.parent
 SPACE = {"gating.density": {"choice": [0.25, 0.5, 0.75, 1.0]}, "train.optimizer.lr": {"loguniform": [0.01, 0.2]},

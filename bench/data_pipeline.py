@@ -4,7 +4,7 @@ Both read the same CIFAR-shaped data made in memory (N random uint8 32x32x3 imag
 download) and produce the same thing per batch: normalised float32 NCHW images with a random 4-pixel
 translation (zero fill) and a random horizontal flip, shuffled, batch 128, every sample once.
 
-  gatetune    tuning/data.py's tensor loader, fed as _load_cifar feeds it (uint8 (N, 3, 32, 32) on the
+  gatetune    tuning/data's tensor loader (data.from_tensors), fed as its CIFAR reader feeds it (uint8 (N, 3, 32, 32) on the
               device, CIFAR-10 mean/std, pad 4, flip): `Loader.batches(128, shuffle=True, augment=True)`;
               a batch is an index gather plus one batched crop/flip gather and one fused normalise
   DataLoader  the classic recipe: a Dataset returning PIL images as torchvision's CIFAR10 does,
@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from gatetune.tuning import data as D
+from gatetune.tuning.data.base import CIFAR_STATS
 
-GOAL = 5.0   # DataLoader epoch time / gatetune epoch time >= 5 (issue 6)
+GOAL = 5.0   # DataLoader epoch time / gatetune epoch time >= 5
 
 
 class _PILDataset(torch.utils.data.Dataset):
@@ -85,12 +86,12 @@ def main() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(a.n, 32, 32, 3), dtype=np.uint8)    # HWC, as CIFAR's pickles
     labels = rng.integers(0, 10, size=a.n).tolist()
-    mean, std = D._CIFAR_STATS["cifar10"]
+    mean, std = CIFAR_STATS["cifar10"]
 
     # gatetune: exactly what _load_cifar builds (NCHW uint8 tensor on the device, pad 4, flip)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     y = torch.tensor(labels, dtype=torch.int64)
-    ours = D._tensor_data("cifar10", (x, y), (x[:a.batch], y[:a.batch]), mean, std, seed=0, pad=4, flip=True,
+    ours = D.from_tensors("cifar10", (x, y), (x[:a.batch], y[:a.batch]), mean, std, seed=0, pad=4, flip=True,
                           augment=True, num_classes=10).train
 
     recipe = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])

@@ -17,15 +17,15 @@ What is counted. run_search's wall time (Ray already started) splits at the driv
            its training plus everything Ray adds per trial: trial creation (Optuna suggest), actor
            start or reset, the trainable's setup and data load (cached per worker process with reuse),
            per-epoch checkpoint + report, Ray's result processing and experiment-state saves
-  finish   last trial completed -> return: Tuner teardown, report.csv/md, pareto.png (and whatever
-           else search._finish does)
+  finish   last trial completed -> return: Tuner teardown, report.csv/md, pareto.png, the Pareto
+           trials' latency_ratio
     overhead per trial = mean over trials 2..N of (trial i - plain fit of the same config)   ratio=, goal 0.5 s
                          (the median is printed too: on a shared machine it shrugs off other jobs' bursts)
     once per search    = setup + trial 1's extra (the worker's first data load) + finish, and Ray's start
                          (ray.init, ~7 s on 2 cores): paid once, whatever N, not charged per trial
     all-in per trial   = (run_search wall - plain loop) / N: the brief's formula; fixed costs / N included
 A config's plain time is the faster of its two plain fits (noise only adds time, so this errs against
-Ray). The callbacks are recorded by a subclass of search's console callback in this process; the
+Ray). The times are recorded by a Tune callback passed to run_search (it runs in this process); the
 trials themselves run unmodified.
 
     python bench/overhead.py                    # 8 trials x 1 epoch, 2 CPUs, both reuse settings
@@ -53,7 +53,7 @@ from gatetune.tuning import config as C  # noqa: E402
 from gatetune.tuning import search as search_mod  # noqa: E402
 from gatetune.tuning import space as S  # noqa: E402
 
-GOAL = 0.5   # seconds of orchestration per trial, gatetune's settings (issue 6)
+GOAL = 0.5   # seconds of orchestration per trial, gatetune's settings
 ROOT = Path(__file__).resolve().parent.parent
 DENSITIES = [0.25, 0.5, 0.75, 1.0, 0.375, 0.625, 0.875, 0.125]
 WEIGHTS = [1.0e-8, 1.0e-6]
@@ -86,8 +86,8 @@ def _key(point: dict) -> tuple:
 
 def _configs(cfg: C.Config) -> dict[tuple, C.Config]:
     """The N trial configs, as the search's define-by-run builds them (its grid points), by grid point."""
-    base, params = search_mod.prepare(cfg)
-    return {_key(point): C.with_params(C.load_dict(base), point) for point in S._grid_points(params)}
+    plan = S.prepare(cfg)
+    return {_key(point): C.with_params(plan.base, point) for point in S.grid_points(plan.params)}
 
 
 def plain_loop(configs: dict[tuple, C.Config], cpus: int) -> tuple[float, dict[tuple, float]]:
@@ -97,7 +97,7 @@ def plain_loop(configs: dict[tuple, C.Config], cpus: int) -> tuple[float, dict[t
     torch.set_num_threads(cpus)
     first = next(iter(configs.values()))
     t = time.perf_counter()
-    data = load(C.data_spec(first), torch.device("cpu"), seed=first.seed)
+    data = load(first.data, torch.device("cpu"), seed=first.seed)
     load_s, fits = time.perf_counter() - t, {}
     for key, cfg in configs.items():
         t = time.perf_counter()
@@ -107,11 +107,12 @@ def plain_loop(configs: dict[tuple, C.Config], cpus: int) -> tuple[float, dict[t
 
 
 def search(cfg: C.Config, storage: str, name: str, reuse: bool, verbose: bool) -> dict:
-    """Time run_search (Ray already up), with the driver's trial start/complete times recorded by a
-    subclass of search's console callback (it runs in this process; the trials are untouched)."""
+    """Time run_search (Ray already up), with the driver's trial start/complete times recorded by a Tune
+    callback (it runs in this process; the trials are untouched)."""
+    from ray.tune import Callback
     starts, ends = [], []   # (time, grid point of the trial)
 
-    class Recording(search_mod._Console):
+    class Recording(Callback):
         def on_trial_start(self, iteration, trials, trial, **info):
             starts.append((time.perf_counter(), _key(trial.config)))
 
@@ -120,17 +121,13 @@ def search(cfg: C.Config, storage: str, name: str, reuse: bool, verbose: bool) -
 
         def on_trial_error(self, iteration, trials, trial, **info):
             ends.append((time.perf_counter(), _key(trial.config)))
-            super().on_trial_error(iteration, trials, trial, **info)
 
-    console, search_mod._Console, search_mod.REUSE_ACTORS = search_mod._Console, Recording, reuse
     sink = contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())
-    try:
-        t0 = time.perf_counter()
-        with sink:
-            run_dir, ok = search_mod.run_search(cfg, storage=storage, name=name)
-        t1 = time.perf_counter()
-    finally:
-        search_mod._Console, search_mod.REUSE_ACTORS = console, True
+    t0 = time.perf_counter()
+    with sink:
+        run_dir, ok = search_mod.run_search(cfg, storage=storage, name=name, callbacks=[Recording()],
+                                            reuse_actors=reuse)
+    t1 = time.perf_counter()
     from gatetune import results
     df = results.table(run_dir)
     if not ok or not starts or not ends:

@@ -1,15 +1,17 @@
 """Read a gatetune search folder (Ray Tune's on-disk experiment layout) with json and pandas only.
 
 Ray need not be running or even importable: a report runs on a laptop next to a copied run folder,
-or beside a live search. What is read, and why (see notes/ray-tune-2.60.md, section 5):
+or beside a live search. File names are core.layout's. What is read, and why:
 - `gatetune.yaml`: the resolved base config; each trial's `params.json` holds only its sampled
-  dotted keys (`gating.density`), so a trial's config = base with those keys set.
+  dotted keys (`gating.density`), so a trial's config = base with those keys set (core.dotted.trial_config,
+  the same function the trials use).
 - `<trial>/result.json`, not progress.csv (whose header is fixed by the first report, so late keys
   such as `latency_ratio` are lost). A restart without a checkpoint repeats `training_iteration`
   values: the last line per iteration wins. A live search may leave a half-written last line.
-- Status from the newest readable `experiment_state-*.json`, never from `error.txt` (written also for
-  trials that failed once and recovered). Without one (a search that has not snapshotted yet), the
-  status is inferred from the result files.
+- Status from the newest readable `experiment_state-*.json` (Ray's internal format, checked by
+  tests/test_internals.py), never from `error.txt` (written also for trials that failed once and
+  recovered). Without one (a search that has not snapshotted yet), the status is inferred from the
+  result files.
 - `decisions.jsonl` (written by gatetune's schedulers): why a trial was stopped early.
 - `<trial>/latency.json` (written at the end of a search for the Pareto trials): `latency_ratio`
   measured on one checkpoint; used only while that checkpoint is still the trial's latest.
@@ -27,25 +29,26 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-CONFIG_FILE = "gatetune.yaml"
-DECISIONS_FILE = "decisions.jsonl"
-LATENCY_FILE = "latency.json"
-STATE_GLOB = "experiment_state-*.json"
+from gatetune.core import layout
+from gatetune.core.dotted import flatten, trial_config
+from gatetune.core.errors import UserError
+
+CONFIG_FILE, DECISIONS_FILE, LATENCY_FILE = layout.CONFIG, layout.DECISIONS, layout.LATENCY
+STATE_GLOB = layout.EXPERIMENT_STATE_GLOB
 # Every value of the `status` column, in the order reports list them.
 STATUSES = ("completed", "stopped", "running", "pending", "diverged", "error")
 
-_CHECKPOINT = re.compile(r"checkpoint_(\d+)")
 # Trial ids inside Ray's trial folder names: `<5 hex>_<5 digits>` (grid/random), `<8 hex>` (searchers);
 # gatetune's searches name trial folders `trial_<id>`.
 _TRIAL_ID = re.compile(r"(?:^trial_|_)([0-9a-f]{5}_\d{5}|[0-9a-f]{8})(?:_\d+_|$)")
 
 
-class ReportError(ValueError):
+class ReportError(UserError):
     """A folder that cannot be reported. The message is one line: the path, what is wrong, the fix."""
 
 
 @dataclass
-class _Run:
+class Run:
     path: Path
     config: dict  # gatetune.yaml, nested as written
     ray: dict[str, dict]  # trial_id -> {"status", "dir", "config"} from the newest experiment_state
@@ -63,11 +66,11 @@ def collect(run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
     effective config flattened to `config/<dotted key>`, then every metric of the trial's last
     report. history: one row per trial and report (`trial_id` first, then the metrics), in order.
     """
-    trials, history, _ = _collect(_open(run_dir))
+    trials, history, _ = collect_run(open_run(run_dir))
     return trials, history
 
 
-def _open(run_dir) -> _Run:
+def open_run(run_dir) -> Run:
     path = Path(run_dir)
     if not path.is_dir():
         raise ReportError(f"{path}: no such folder; pass the run folder of a search (storage_path/name, "
@@ -79,7 +82,7 @@ def _open(run_dir) -> _Run:
     if ray is None and not _trial_dirs(path):
         raise ReportError(f"{path}: no trials yet (no {STATE_GLOB}, no trial folders); the search writes "
                           "its first snapshot about 10 s after it starts: wait, or check that it runs")
-    return _Run(path, _read_config(path / CONFIG_FILE), ray or {}, _read_decisions(path / DECISIONS_FILE))
+    return Run(path, _read_config(path / CONFIG_FILE), ray or {}, _read_decisions(path / DECISIONS_FILE))
 
 
 def _not_a_run(path: Path, has_state: bool) -> str:
@@ -145,13 +148,12 @@ def _trial_dirs(path: Path) -> list[Path]:
             if d.is_dir() and ((d / "params.json").is_file() or (d / "result.json").is_file())]
 
 
-def _collect(run: _Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+def collect_run(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """(trials, history, searched keys); see `collect`."""
     by_dir = {info["dir"]: tid for tid, info in run.ray.items() if info["dir"]}
     found = {}  # trial_id -> trial folder
     for d in _trial_dirs(run.path):
         found.setdefault(by_dir.get(d.name) or _id_from_files(d), d)
-    base = _flatten(run.config)
     searched = list(run.config.get("space") or {})
     rows, frames = [], []
     for tid in sorted(set(found) | set(run.ray)):
@@ -159,7 +161,7 @@ def _collect(run: _Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
         params = _params(folder, run.ray.get(tid))
         searched += [k for k in params if k not in searched]
         history = _history(folder, tid)
-        rows.append(_trial_row(run, tid, folder, _effective(base, params), history))
+        rows.append(_trial_row(run, tid, folder, _effective(run.config, params), history))
         frames.append(history)
     trials = pd.DataFrame(rows, columns=None if rows else ["trial_id", "status"])
     return trials, _concat(frames), searched
@@ -173,7 +175,7 @@ def _id_from_files(folder: Path) -> str:
     return match.group(1) if match else folder.name
 
 
-def _state_folder(run: _Run, tid: str) -> Path | None:
+def _state_folder(run: Run, tid: str) -> Path | None:
     """The folder experiment_state names for a trial, if it exists yet (a pending trial has none)."""
     name = run.ray[tid]["dir"]
     return run.path / name if name and (run.path / name).is_dir() else None
@@ -191,28 +193,12 @@ def _params(folder: Path | None, ray_trial: dict | None) -> dict:
     return dict((ray_trial or {}).get("config") or {})
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    """{"gating": {"density": 0.5}} -> {"gating.density": 0.5}; lists and empty dicts are values."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _effective(base: dict, params: dict) -> dict:
-    """The base config (flat, dotted) with a trial's dotted parameters set; a dict value replaces
-    the whole section below its key."""
-    config = dict(base)
-    for key, value in params.items():
-        if isinstance(value, dict):
-            config = {k: v for k, v in config.items() if not k.startswith(f"{key}.")}
-            config.update(_flatten({key: value}))
-        else:
-            config[key] = value
-    return config
+    """The trial's config, flat (dotted keys): the base config with its parameters set, as the trial ran."""
+    try:
+        return flatten(trial_config(base, params))
+    except UserError:   # a parameter that does not fit the base (a foreign folder): set it beside the rest
+        return {**flatten(base), **params}
 
 
 def _history(folder: Path | None, trial_id: str) -> pd.DataFrame:
@@ -227,7 +213,7 @@ def _history(folder: Path | None, trial_id: str) -> pd.DataFrame:
     return frame[["trial_id", *(c for c in frame.columns if c != "trial_id")]].reset_index(drop=True)
 
 
-def _trial_row(run: _Run, tid: str, folder: Path | None, config: dict, history: pd.DataFrame) -> dict:
+def _trial_row(run: Run, tid: str, folder: Path | None, config: dict, history: pd.DataFrame) -> dict:
     last = history.iloc[-1].to_dict() if len(history) else None
     ray_status = run.ray[tid]["status"] if tid in run.ray else None
     status, stopped_by = _status(ray_status, last, config, run.decisions.get(tid))
@@ -303,7 +289,7 @@ def _latest_checkpoint(folder: Path | None) -> str:
     if folder is None:
         return ""
     indexed = [(int(m.group(1)), d.name) for d in folder.iterdir()
-               if d.is_dir() and (m := _CHECKPOINT.fullmatch(d.name))]
+               if d.is_dir() and (m := layout.CHECKPOINT_DIR.fullmatch(d.name))]
     return f"{folder.name}/{max(indexed)[1]}" if indexed else ""
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from ._collect import STATUSES, _open
-from ._table import PARETO, _cell, _missing, _table, markdown_table, summary_markdown
+from gatetune.core import layout
+
+from ._collect import STATUSES, open_run
+from ._table import PARETO, cell, is_missing, markdown_table, summary_markdown, table_of
 
 # One colour per status (tab10 shades): the eye finds the failures first.
 _COLOURS = {"completed": "#1f77b4", "stopped": "#7f7f7f", "running": "#2ca02c", "pending": "#bcbd22",
@@ -23,12 +25,12 @@ def write_report(run_dir, csv=None, markdown=None, plot=None) -> pd.DataFrame:
     """Write the trials table as CSV, a markdown report (summary table, full table, run folder size)
     and the Pareto plot; defaults RUN_DIR/report.csv, RUN_DIR/report.md, RUN_DIR/pareto.png.
     Returns the table."""
-    run = _open(run_dir)
+    run = open_run(run_dir)
     size = folder_size(run.path)  # before our own files are (re)written
-    df = _table(run)
-    csv = Path(csv or run.path / "report.csv")
-    markdown = Path(markdown or run.path / "report.md")
-    plot = Path(plot or run.path / "pareto.png")
+    df = table_of(run)
+    csv = Path(csv or run.path / layout.REPORT_CSV)
+    markdown = Path(markdown or run.path / layout.REPORT_MD)
+    plot = Path(plot or run.path / layout.PARETO_PNG)
     df.to_csv(csv, index=False)
     plot_pareto(df, plot, title=f"{run.name}: top-1 accuracy against cost, {len(df)} trials")
     image = Path(os.path.relpath(plot, markdown.parent)).as_posix()
@@ -75,7 +77,7 @@ def _full_table(df: pd.DataFrame) -> str:
 
 
 def _format(column: str, value) -> str:
-    if _missing(value):
+    if is_missing(value):
         return ""
     if column in PARETO:
         return "yes" if value else ""
@@ -85,7 +87,7 @@ def _format(column: str, value) -> str:
         return f"{float(value):.2f}"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return _cell(value)
+    return cell(value)
 
 
 def plot_pareto(df: pd.DataFrame, path, title: str) -> None:

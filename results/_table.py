@@ -1,4 +1,4 @@
-"""The density/accuracy table: one row per trial, DESIGN's columns, the Pareto fronts, markdown."""
+"""The density/accuracy table: one row per trial (docs/design.md lists the columns), the Pareto fronts, markdown."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pandas as pd
 
-from ._collect import _collect, _open, _Run
+from ._collect import Run, collect_run, open_run
 
-# Report column -> key of the trial's effective config (the same word as the YAML, STYLE rule 2).
+# Report column -> key of the trial's effective config (the same word as the YAML key).
 _FROM_CONFIG = {"model": "model.name", "dataset": "data.dataset", "policy": "gating.policy",
                 "target_density": "gating.density", "weight": "gating.weight", "gated_layers": "gating.gate",
                 "trainable_layers": "gating.trainable", "lr": "train.optimizer.lr", "seed": "seed"}
@@ -25,18 +25,18 @@ _OFF_FRONT = ("pending", "error", "diverged")
 
 
 def table(run_dir) -> pd.DataFrame:
-    """One row per trial with DESIGN's columns (`COLUMNS`), then `latency_ratio` when any trial
+    """One row per trial with the report's columns (`COLUMNS`), then `latency_ratio` when any trial
     reports it, then every searched parameter under its dotted key; sorted by top1, best first.
 
     Metrics are the trial's last report; `epochs` is the last epoch reached; lists (site patterns)
     are joined with ",". `pareto` marks trials on the top1-vs-macs_ratio front, `pareto_density` on
     the top1-vs-density front, both among trials with results that did not error or diverge.
     """
-    return _table(_open(run_dir))
+    return table_of(open_run(run_dir))
 
 
-def _table(run: _Run) -> pd.DataFrame:
-    trials, _, searched = _collect(run)
+def table_of(run: Run) -> pd.DataFrame:
+    trials, _, searched = collect_run(run)
 
     def col(name: str) -> pd.Series:
         return trials[name] if name in trials else pd.Series(np.nan, index=trials.index)
@@ -102,8 +102,8 @@ def summary_markdown(df: pd.DataFrame) -> str:
     if "status" in df:
         usable &= ~df["status"].isin(("error", "diverged"))
     rows = df[usable].sort_values("density", ascending=False, na_position="last", kind="stable")
-    cells = [[_cell(r["model"]), _percent(r["density"]), _number(r["top1"]), _number(r["top5"]),
-              _cell(r["checkpoint"]), _cell(r["node"])] for _, r in rows.iterrows()]
+    cells = [[cell(r["model"]), _percent(r["density"]), _number(r["top1"]), _number(r["top5"]),
+              cell(r["checkpoint"]), cell(r["node"])] for _, r in rows.iterrows()]
     return markdown_table(["network", "density", "top1", "top5", "checkpoint", "node"], cells, "lrrrll")
 
 
@@ -119,17 +119,17 @@ def markdown_table(header: list[str], rows: list[list[str]], align: str) -> str:
     return "\n".join("| " + " | ".join(line) + " |" for line in lines) + "\n"
 
 
-def _missing(value) -> bool:
+def is_missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-def _cell(value) -> str:
-    return "" if _missing(value) else str(value).replace("\n", " ")
+def cell(value) -> str:
+    return "" if is_missing(value) else str(value).replace("\n", " ")
 
 
 def _number(value, digits: int = 2) -> str:
-    return "" if _missing(value) else f"{float(value):.{digits}f}"
+    return "" if is_missing(value) else f"{float(value):.{digits}f}"
 
 
 def _percent(value) -> str:
-    return "" if _missing(value) else f"{100 * float(value):.2f}%"
+    return "" if is_missing(value) else f"{100 * float(value):.2f}%"

@@ -78,14 +78,14 @@ def test_corpus_is_large_enough():
 @pytest.fixture
 def no_work(monkeypatch):
     """Anything that gets past validation hits a stub instead of training for minutes or starting Ray."""
+    import gatetune.tuning.cluster as cluster_mod
     import gatetune.tuning.run as run_mod
-    import gatetune.tuning.search as search_mod
 
     def stub(*args, **kwargs):
         raise WorkStarted("the input was accepted and work started")
 
     monkeypatch.setattr(run_mod, "train_run", stub)
-    monkeypatch.setattr(search_mod, "_init_ray", stub)
+    monkeypatch.setattr(cluster_mod, "connect", stub)
     monkeypatch.chdir(ROOT)   # relative paths in cases (model.weights) resolve against the repository root
 
 

@@ -2,7 +2,7 @@
 import pytest
 
 from gatetune.tuning import config as C
-from gatetune.tuning.errors import ConfigError
+from gatetune.core.errors import UserError
 
 
 def write(tmp_path, name, text):
@@ -53,7 +53,7 @@ def test_site_specs_from_patterns(tmp_path):
 ])
 def test_bad_values_one_line(tmp_path, text, overrides, key, words):
     p = write(tmp_path, "bad.yaml", text)
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         C.load(p, overrides)
     msg = str(e.value)
     assert "\n" not in msg and e.value.key == key and key in msg
@@ -70,7 +70,7 @@ def test_bad_values_one_line(tmp_path, text, overrides, key, words):
 ])
 def test_bad_files(tmp_path, text, words):
     p = write(tmp_path, "bad.yaml", text)
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         C.load(p)
     assert str(p) in str(e.value) and all(w in str(e.value) for w in words)
 
@@ -78,25 +78,25 @@ def test_bad_files(tmp_path, text, words):
 def test_binary_file_and_missing_file_and_cycle(tmp_path):
     b = tmp_path / "bin.yaml"
     b.write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(ConfigError, match="not a text file"):
+    with pytest.raises(UserError, match="not a text file"):
         C.load(b)
-    with pytest.raises(ConfigError, match="file not found"):
+    with pytest.raises(UserError, match="file not found"):
         C.load(tmp_path / "missing.yaml")
     write(tmp_path, "a.yaml", "_import: b.yaml\n")
     write(tmp_path, "b.yaml", "_import: a.yaml\n")
-    with pytest.raises(ConfigError, match="_import cycle"):
+    with pytest.raises(UserError, match="_import cycle"):
         C.load(tmp_path / "a.yaml")
 
 
 @pytest.mark.parametrize("bad", ["train.epochs", "=3", "train..epochs=3", "gating.gate=[a, b"])
 def test_malformed_override(tmp_path, bad):
     p = write(tmp_path, "ok.yaml", "{}\n")
-    with pytest.raises(ConfigError, match="override"):
+    with pytest.raises(UserError, match="override"):
         C.load(p, [bad])
 
 
 def test_config_keys_and_with_params():
     keys = C.config_keys()
     assert "gating.density" in keys and "train.optimizer.lr" in keys and "train.lr_schedule.decay_epochs" in keys
-    cfg = C.with_params(C.Config(), {"gating.density": 0.25, "train.optimizer.lr": 0.1})
+    cfg = C.with_params(C.to_dict(C.Config()), {"gating.density": 0.25, "train.optimizer.lr": 0.1})
     assert cfg.gating.density == 0.25 and cfg.train.optimizer.lr == 0.1

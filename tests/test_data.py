@@ -1,8 +1,7 @@
-"""tuning/data.py: every dataset through one contract, determinism, augmentation, error messages.
+"""tuning/data/: every dataset through one contract, determinism, augmentation, error messages.
 Real readers on tiny data the tests write themselves (CIFAR pickles, ImageFolder PNGs); no network."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import pickle
@@ -14,8 +13,12 @@ import torch
 import torchvision.datasets as tvd
 from PIL import Image
 
-from gatetune.tuning import data as D
-from gatetune.tuning.data import DATASETS, DataError, DataSpec, Loader, check, load
+from gatetune.core.errors import UserError
+from gatetune.tuning.config import DataCfg, load_dict
+from gatetune.tuning.data import DATASETS, DataError, Loader, check, load
+from gatetune.tuning.data.base import CIFAR_STATS, generator
+from gatetune.tuning.data.folder import resized_crop_box
+from gatetune.tuning.data.memory import crop_flip, digits_split
 
 CPU = torch.device("cpu")
 EXPECT = {  # dataset -> (num_classes, in_channels, input_size, len(train), len(val)) of the data made below
@@ -78,8 +81,8 @@ def write_imagefolder(root, classes=("ant", "bee", "cat"), per_class=(3, 2), siz
 
 @pytest.fixture
 def spec_for(tmp_path, monkeypatch):
-    """dataset name -> a DataSpec whose data exists (written under tmp_path where needed)."""
-    def make(name: str, **kw) -> DataSpec:
+    """dataset name -> a DataCfg whose data exists (written under tmp_path where needed)."""
+    def make(name: str, **kw) -> DataCfg:
         if name in ("cifar10", "cifar100"):
             write_cifar(tmp_path, name)
             patch_md5(monkeypatch, tmp_path, name)
@@ -89,7 +92,7 @@ def spec_for(tmp_path, monkeypatch):
             kw = {"root": str(tmp_path), "image_size": 24, "workers": 0, **kw}
         elif name == "fake":
             kw = {"fake_train": 48, "fake_val": 16, "fake_classes": 5, "image_size": 16, **kw}
-        return DataSpec(name, **kw)
+        return DataCfg(dataset=name, **kw)
     return make
 
 
@@ -166,7 +169,7 @@ def test_augmentation_does_not_depend_on_batch_size_or_shuffle(spec_for):
     x7, _ = epoch(data.train, bs=7, epoch=1, augment=True)
     x16, _ = epoch(data.train, bs=16, epoch=1, augment=True)
     assert torch.equal(x7, x16)
-    order = torch.randperm(len(data.train), generator=D._generator(0, 1, "train"))
+    order = torch.randperm(len(data.train), generator=generator(0, 1, "train"))
     xs, _ = epoch(data.train, bs=16, epoch=1, augment=True, shuffle=True)
     assert torch.equal(xs, x16[order])
 
@@ -179,12 +182,12 @@ def test_crop_flip_matches_per_sample_reference():
     x = torch.randint(0, 256, (8, 3, 9, 7), dtype=torch.uint8, generator=g)
     dy, dx = torch.randint(0, 5, (2, 8), generator=g)
     flip = torch.arange(8) % 2 == 0
-    out = D._crop_flip(x, dy, dx, flip, pad=2)
+    out = crop_flip(x, dy, dx, flip, pad=2)
     for b in range(8):
         ref = torch.nn.functional.pad(x[b], (2, 2, 2, 2))[:, dy[b]:dy[b] + 9, dx[b]:dx[b] + 7]
         assert torch.equal(out[b], ref.flip(2) if flip[b] else ref)
     centre, no = torch.full((8,), 2), torch.zeros(8, dtype=torch.bool)
-    assert torch.equal(D._crop_flip(x, centre, centre, no, pad=2), x)
+    assert torch.equal(crop_flip(x, centre, centre, no, pad=2), x)
 
 
 @pytest.mark.parametrize("name", ["digits", "cifar10", "fake"])
@@ -197,15 +200,15 @@ def test_augment_changes_pixels_keeps_shapes_train_only(name, spec_for):
     changed = (aug != plain).flatten(1).any(1).float().mean()
     assert changed > 0.5  # most images moved (a few draw the zero shift and no flip)
     assert torch.equal(epoch(data.val, augment=True)[0], epoch(data.val)[0])  # val never augments
-    off = load(dataclasses.replace(spec, augment=False), CPU)
+    off = load(spec.model_copy(update={"augment": False}), CPU)
     assert torch.equal(epoch(off.train, augment=True)[0], plain)  # data.augment: false wins
 
 
 def test_digits_augment_is_a_shift_of_up_to_2px():
-    data = load(DataSpec("digits"), CPU)
+    data = load(DataCfg(dataset="digits"), CPU)
     plain, _ = epoch(data.train, bs=64)
     aug, _ = epoch(data.train, bs=64, augment=True)
-    raw = lambda x: (x - data.train._offset) / data.train._scale  # noqa: E731  back to [0, 1]
+    raw = lambda x: (x - data.train.offset) / data.train.scale  # noqa: E731  back to [0, 1]
     pp = torch.nn.functional.pad(raw(plain), (2, 2, 2, 2))  # background is raw 0
     shifted = torch.stack([pp[:, :, i:i + 16, j:j + 16] for i in range(5) for j in range(5)])  # (25, N, 1, 16, 16)
     err = (shifted - raw(aug)).abs().flatten(2).amax(2).amin(0)
@@ -218,16 +221,16 @@ def test_digits_augment_is_a_shift_of_up_to_2px():
 def test_digits_split_is_stratified_fixed_and_disjoint():
     from sklearn.datasets import load_digits
     labels = load_digits().target
-    tr, va = D._digits_split(labels)
+    tr, va = digits_split(labels)
     assert len(set(tr) & set(va)) == 0 and len(tr) + len(va) == len(labels)
     per_class, in_val = Counter(labels.tolist()), Counter(labels[va].tolist())
     assert all(abs(in_val[c] - 0.2 * per_class[c]) <= 1 for c in per_class)
-    a, b = load(DataSpec("digits"), CPU, seed=0), load(DataSpec("digits"), CPU, seed=7)
+    a, b = load(DataCfg(dataset="digits"), CPU, seed=0), load(DataCfg(dataset="digits"), CPU, seed=7)
     assert torch.equal(a.val.images, b.val.images) and torch.equal(a.train.labels, b.train.labels)
 
 
 def test_digits_normalised_by_train_statistics():
-    data = load(DataSpec("digits"), CPU)
+    data = load(DataCfg(dataset="digits"), CPU)
     x, _ = epoch(data.train, bs=2000)
     assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
     raw = data.train.images
@@ -241,7 +244,7 @@ def test_digits_normalised_by_train_statistics():
 def test_cifar_reads_pickles_exactly(name, tmp_path, monkeypatch):
     written = write_cifar(tmp_path, name)
     patch_md5(monkeypatch, tmp_path, name)
-    data = load(DataSpec(name, root=str(tmp_path)), CPU)
+    data = load(DataCfg(dataset=name, root=str(tmp_path)), CPU)
     train_files = [f for f in written if f not in ("test_batch", "test")]
     rows = np.concatenate([written[f][0] for f in train_files])
     labels = sum((written[f][1] for f in train_files), [])
@@ -250,7 +253,7 @@ def test_cifar_reads_pickles_exactly(name, tmp_path, monkeypatch):
     test = written["test_batch" if name == "cifar10" else "test"]
     assert torch.equal(data.val.images.flatten(1), torch.from_numpy(test[0]))
     x, _ = next(data.val.batches(4))
-    mean, std = D._CIFAR_STATS[name]
+    mean, std = CIFAR_STATS[name]
     expect = (torch.from_numpy(test[0][:4]).view(4, 3, 32, 32) / 255 - torch.tensor(mean).view(1, 3, 1, 1)) \
         / torch.tensor(std).view(1, 3, 1, 1)
     assert torch.allclose(x, expect, atol=1e-5)
@@ -261,7 +264,7 @@ def test_cifar_corrupted_file_is_a_data_error(tmp_path, monkeypatch):
     patch_md5(monkeypatch, tmp_path, "cifar10")
     with open(tmp_path / "cifar-10-batches-py" / "data_batch_3", "ab") as fh:
         fh.write(b"x")
-    spec = DataSpec("cifar10", root=str(tmp_path))
+    spec = DataCfg(dataset="cifar10", root=str(tmp_path))
     check(spec)  # layout is fine; only reading finds the corruption
     with pytest.raises(DataError, match="md5") as e:
         load(spec, CPU)
@@ -283,7 +286,7 @@ def test_imagenet_reads_folders(spec_for):
     x, y = epoch(data.val, bs=4)
     assert y.tolist() == [0, 0, 1, 1, 2, 2]  # ImageFolder: sorted class folders
     # val = resize + centre crop of a flat colour: every pixel is the class colour
-    raw = (x - data.val._offset) / data.val._scale
+    raw = (x - data.val.offset) / data.val.scale
     assert torch.allclose(raw[2], torch.tensor([80.0, 255, 40]).view(3, 1, 1), atol=0.5)
     xa, _ = epoch(data.train, bs=4, augment=True)
     assert xa.shape == (9, 3, 24, 24)
@@ -294,7 +297,7 @@ def test_imagenet_workers_replay_the_same_batches(spec_for, tmp_path):
     for i in range(3):  # per-image colours vary, so crops differ visibly
         Image.effect_noise((50, 40), 60 + 20 * i).convert("RGB").save(tmp_path / "train" / "ant" / f"n{i}.png")
     inline = load(spec, CPU, seed=1)
-    pooled = load(DataSpec(**{**vars(spec), "workers": 2}), CPU, seed=1)
+    pooled = load(spec.model_copy(update={"workers": 2}), CPU, seed=1)
     kw = dict(bs=4, shuffle=True, augment=True)
     ref = epoch(inline.train, epoch=1, **kw)
     epoch(pooled.train, epoch=0, **kw)  # persistent workers carry state across epochs: must not matter
@@ -307,7 +310,7 @@ def test_resized_crop_box_stays_inside_and_falls_back():
     g = torch.Generator().manual_seed(0)
     for h, w in ((30, 40), (300, 20), (5, 5)):
         for _ in range(20):
-            top, left, ch, cw = D._resized_crop_box(h, w, g)
+            top, left, ch, cw = resized_crop_box(h, w, g)
             assert 0 <= top and 0 <= left and 0 < ch and 0 < cw and top + ch <= h and left + cw <= w
 
 
@@ -320,67 +323,77 @@ def raises(spec) -> str:
     with pytest.raises(DataError) as e2:  # load checks first: same message, nothing read
         load(spec, CPU)
     assert str(e.value) == str(e2.value) and "\n" not in str(e.value)
+    assert e.value.key in ("data.root", "data.image_size")   # the config key at fault
+    return e.value.message
+
+
+def config_error(data: dict) -> str:
+    with pytest.raises(UserError) as e:
+        load_dict({"data": data})
+    assert "\n" not in str(e.value)
     return str(e.value)
 
 
 def test_unknown_dataset_suggests_nearest():
-    msg = raises(DataSpec("cifar"))
-    assert "'cifar'" in msg and "digits, cifar10" in msg and "did you mean 'cifar10'" in msg
-    assert "did you mean 'cifar100'" in raises(DataSpec("CIFAR100"))
+    msg = config_error({"dataset": "cifar"})
+    assert "'cifar'" in msg and "'digits', 'cifar10'" in msg and "did you mean 'cifar10'" in msg
+    assert "did you mean 'cifar100'" in config_error({"dataset": "cifar100 "})
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "imagenet"])
 def test_root_required_and_must_exist(name, tmp_path):
-    assert "data.root is not set" in raises(DataSpec(name))
+    assert "data.root is not set" in raises(DataCfg(dataset=name))
     missing = tmp_path / "nope"
-    msg = raises(DataSpec(name, root=str(missing)))
+    msg = raises(DataCfg(dataset=name, root=str(missing)))
     assert str(missing) in msg and "does not exist" in msg and ("download" in msg or "train/ and val/" in msg)
 
 
 def test_cifar_layout_errors(tmp_path):
-    msg = raises(DataSpec("cifar10", root=str(tmp_path)))
+    msg = raises(DataCfg(dataset="cifar10", root=str(tmp_path)))
     assert msg == (f"cifar10: no 'cifar-10-batches-py' under {tmp_path} (data.root); download CIFAR-10 "
                    "(python version, cifar-10-python.tar.gz) and extract it there")
     write_cifar(tmp_path, "cifar10")
     inner = tmp_path / "cifar-10-batches-py"
-    msg = raises(DataSpec("cifar10", root=str(inner)))  # pointed at the extracted folder itself
+    msg = raises(DataCfg(dataset="cifar10", root=str(inner)))  # pointed at the extracted folder itself
     assert f"data.root must be the folder that holds it ({tmp_path})" in msg
     os.remove(inner / "data_batch_4")
-    msg = raises(DataSpec("cifar10", root=str(tmp_path)))
+    msg = raises(DataCfg(dataset="cifar10", root=str(tmp_path)))
     assert str(inner) in msg and "lacks data_batch_4" in msg and "extract" in msg
 
 
 def test_imagenet_layout_errors(tmp_path):
     (tmp_path / "train").mkdir()
-    msg = raises(DataSpec("imagenet", root=str(tmp_path)))
+    msg = raises(DataCfg(dataset="imagenet", root=str(tmp_path)))
     assert "no 'val' folder" in msg and str(tmp_path) in msg
     (tmp_path / "val").mkdir()
-    assert "has no class subfolders" in raises(DataSpec("imagenet", root=str(tmp_path)))
+    assert "has no class subfolders" in raises(DataCfg(dataset="imagenet", root=str(tmp_path)))
     write_imagefolder(tmp_path / "ok")
     root = tmp_path / "ok"
     (root / "val" / "dog").mkdir()
-    msg = raises(DataSpec("imagenet", root=str(root)))
+    msg = raises(DataCfg(dataset="imagenet", root=str(root)))
     assert "hold no images (dog)" in msg and str(root / "val") in msg
     (root / "val" / "dog" / "deep").mkdir()
     Image.new("RGB", (8, 8)).save(root / "val" / "dog" / "deep" / "x.JPEG")  # nested + upper case: found
-    msg = raises(DataSpec("imagenet", root=str(root)))
+    msg = raises(DataCfg(dataset="imagenet", root=str(root)))
     assert "class folders differ" in msg and "dog" in msg and "same class folders" in msg
 
 
 def test_size_and_count_errors():
-    assert "data.image_size=64, but cifar10 images are 32x32" in raises(DataSpec("cifar10", root="/", image_size=64))
-    assert "data.fake_train=0 must be an integer >= 1" in raises(DataSpec("fake", fake_train=0))
-    assert "data.workers=-1" in raises(DataSpec("imagenet", root="/", workers=-1))
-    check(DataSpec("digits", image_size=16))  # the native size is allowed
+    msg = raises(DataCfg(dataset="cifar10", root="/", image_size=64))
+    assert "data.image_size=64, but cifar10 images are 32x32" in msg
+    assert "data.fake_train: must be > 0, got 0" in config_error({"dataset": "fake", "fake_train": 0})
+    assert "data.workers: must be >= 0, got -1" in config_error({"dataset": "imagenet", "workers": -1})
+    check(DataCfg(dataset="digits", image_size=16))  # the native size is allowed
 
 
 def test_root_is_made_absolute(tmp_path, monkeypatch):
+    from gatetune.tuning.data.check import root_of
+    (tmp_path / "data").mkdir()
     monkeypatch.chdir(tmp_path)
-    assert DataSpec("cifar10", root="data").root == str(tmp_path / "data")
-    assert DataSpec("digits").root is None
+    assert root_of(DataCfg(dataset="cifar10", root="data")) == str(tmp_path / "data")
 
 
 def test_bad_batch_size():
-    data = load(DataSpec("digits"), CPU)
+    data = load(DataCfg(dataset="digits"), CPU)
     with pytest.raises(ValueError, match="batch_size must be >= 1, but got 0"):
         next(data.train.batches(0))

@@ -11,9 +11,11 @@ import yaml
 
 from gatetune.tuning import checkpoint as ckpt
 from gatetune.tuning import config as C
-from gatetune.tuning.data import DataSpec, load
-from gatetune.tuning.distributed import ShardedLoader, _FirstBatch, fit_distributed, plan
-from gatetune.tuning.errors import ConfigError
+from gatetune.tuning.config import DataCfg
+from gatetune.tuning.data import load
+from gatetune.tuning.ddp import FirstBatch, ShardedLoader
+from gatetune.tuning.distributed import fit_distributed, plan
+from gatetune.core.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "search_spaces", "digits.yaml")
@@ -22,7 +24,7 @@ CPU = torch.device("cpu")
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_loader_gives_each_rank_its_batch_of_every_step(world):
-    train = load(DataSpec("fake", fake_train=100, fake_val=8, image_size=8), CPU, seed=3).train
+    train = load(DataCfg(dataset="fake", fake_train=100, fake_val=8, image_size=8), CPU, seed=3).train
     bs, kw = 8, dict(epoch=1, shuffle=True, augment=True)
     single = list(train.batches(bs, drop_last=True, **kw))
     big = list(train.batches(bs * world, drop_last=True, **kw))     # one process, batch world x bs
@@ -39,8 +41,8 @@ def test_sharded_loader_gives_each_rank_its_batch_of_every_step(world):
 
 
 def test_first_batch_only():
-    val = load(DataSpec("fake", fake_train=8, fake_val=20), CPU, seed=0).val
-    one = _FirstBatch(val)
+    val = load(DataCfg(dataset="fake", fake_train=8, fake_val=20), CPU, seed=0).val
+    one = FirstBatch(val)
     assert one.num_batches(8) == 1 and len(list(one.batches(8))) == 1
 
 
@@ -56,11 +58,11 @@ def test_plan_processes_and_backend(monkeypatch):
     assert plan(cfg, gpus_granted=1) == (1, "nccl")
     assert plan(cfg) == (1, "nccl")                      # gatetune train: one GPU unless asked
     assert plan(two) == (2, "nccl")
-    with pytest.raises(ConfigError, match="2 processes need one GPU each"):
+    with pytest.raises(UserError, match="2 processes need one GPU each"):
         plan(two, gpus_granted=1)
-    with pytest.raises(ConfigError, match="8 processes"):
+    with pytest.raises(UserError, match="8 processes"):
         plan(C.load(DIGITS, ["train.processes=8"]))
-    with pytest.raises(ConfigError, match="processes"):
+    with pytest.raises(UserError, match="processes"):
         C.load(DIGITS, ["train.processes=0"])
 
 
@@ -83,7 +85,7 @@ def test_two_gloo_processes_train_digits(tmp_path):
     assert abs(last["density"] - 0.5) < 1e-6 and all(math.isfinite(m["gate_loss"]) for m, _ in got)
 
     # the ranks trained on disjoint halves of each step: batches 2s and 2s+1 of the single-process order
-    data = load(C.data_spec(cfg), CPU, seed=cfg.seed)
+    data = load(cfg.data, CPU, seed=cfg.seed)
     steps = len(data.train) // 64
     for epoch in (0, 1):
         ref = _fingerprints(data.train, epoch, 32)
@@ -98,7 +100,7 @@ def test_two_gloo_processes_train_digits(tmp_path):
     p0, p1 = (p["params"] for p in sorted(probe, key=lambda p: p["rank"]))
     assert p0.keys() == p1.keys() and all(torch.equal(p0[k], p1[k]) for k in p0)
     state = got[1][1]
-    fresh = load(C.data_spec(cfg), CPU, seed=cfg.seed)
+    fresh = load(cfg.data, CPU, seed=cfg.seed)
     from gatetune.tuning.train import build_model
     assert list(state["model"]) == list(build_model(cfg, fresh).state_dict())   # no "module." prefixes
     assert all(torch.equal(state["model"][k], p0[k]) for k in p0)

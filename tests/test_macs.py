@@ -1,4 +1,4 @@
-"""Measured MACs: effective = dense * active input fraction * active output fraction (DESIGN.md)."""
+"""Measured MACs: effective = dense * active input fraction * active output fraction (docs/design.md)."""
 from __future__ import annotations
 
 import pytest

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gatetune.tuning import config as C
-from gatetune.tuning.errors import ConfigError
+from gatetune.core.errors import UserError
 from gatetune.tuning.run import train_run
 from gatetune.tuning.train import build_model
 from gatetune.tuning.data import load as load_data
@@ -35,7 +35,7 @@ def test_squeezenet_file_reads_as_the_notebook_meant():
 def test_squeezenet_file_trains_one_epoch_with_exactly_its_sites(tmp_path):
     cfg = C.load(SQUEEZE_0115, FAKE)
     torch.manual_seed(cfg.seed)
-    data = load_data(C.data_spec(cfg), torch.device("cpu"), seed=cfg.seed)
+    data = load_data(cfg.data, torch.device("cpu"), seed=cfg.seed)
     net = build_model(cfg, data)
     assert set(net.gates) == {s for s, v in C.site_specs(cfg).items() if v.gate}
     before = {k: v.clone() for k, v in net.state_dict().items()}
@@ -57,7 +57,7 @@ def test_squeezenet_file_trains_one_epoch_with_exactly_its_sites(tmp_path):
 ])
 def test_notebook_files_that_cannot_run_say_why_in_one_line(name, key, says, tmp_path):
     path = os.path.join(NB, name)
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         C.load(path)
     assert says in str(e.value) and (key is None or e.value.key == key) and e.value.file.endswith(name)
     r = subprocess.run([sys.executable, "-m", "gatetune.tuning.cli", "train", path, "--out", str(tmp_path / "o")],
@@ -110,11 +110,11 @@ def test_mayo_kwargs_per_site_values_and_errors(tmp_path):
          "squeeze.density", "add type: gated_convolution"),
         (body.replace("name: squeezenet_v11", "name: squeezenet"), "model.name", "squeezenet_v11"),
     ]:
-        with pytest.raises(ConfigError, match=says) as e:
+        with pytest.raises(UserError, match=says) as e:
             C.load(_mayo(tmp_path, bad, "bad.yaml"))
         assert e.value.key.endswith(key), (e.value.key, key)
 
 
 def test_missing_import_of_a_gatetune_file_is_still_an_error(tmp_path):
-    with pytest.raises(ConfigError, match="file not found"):
+    with pytest.raises(UserError, match="file not found"):
         C.load(_mayo(tmp_path, "_import: nothere.yaml\nmodel: {name: digitnet}\n"))

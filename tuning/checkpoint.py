@@ -1,28 +1,25 @@
 """Epoch checkpoints: written atomically, read with a fallback, pruned to a fixed number.
 
-A checkpoint is one `torch.save`d dict: model, optimizer and lr-scheduler state, the number of
-finished epochs, the torch RNG state, the resolved config and the metrics history. Writing goes to a
-temporary file that is renamed over the target (`os.replace` is atomic on POSIX), so a crash mid-write
-leaves the previous checkpoint intact. A corrupt file is a clear error naming it, and `latest()`
-falls back to the previous one.
+A checkpoint is one `torch.save`d dict: model and optimizer state, the number of finished epochs, the
+torch RNG state, the resolved config and the metrics history. Writing goes to a temporary file that
+is renamed over the target (`os.replace` is atomic on POSIX), so a crash mid-write leaves the
+previous checkpoint intact. A corrupt file is a CheckpointError naming it, and `read_newest` falls
+back to the previous one (a run folder's epoch_NNN.pt files, a trial's checkpoint_NNNNNN folders).
 """
 from __future__ import annotations
 
-__all__ = ["save_atomic", "read", "RunFolder", "CKPT_NAME"]
+__all__ = ["save_atomic", "read", "read_newest", "RunFolder"]
 
 import csv
 import os
-import re
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
-from gatetune.tuning.errors import ConfigError
-
-CKPT_NAME = "state.pt"          # file name inside a Ray Tune checkpoint directory
-_EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
+from gatetune.core import layout
+from gatetune.core.errors import CheckpointError
 
 
 def save_atomic(state: dict, path: str | os.PathLike) -> None:
@@ -40,22 +37,33 @@ def save_atomic(state: dict, path: str | os.PathLike) -> None:
 
 
 def read(path: str | os.PathLike) -> dict:
-    """Load a gatetune checkpoint; ConfigError (one line, names the file) if unreadable."""
+    """Load a gatetune checkpoint (a file, or a trial's checkpoint folder); CheckpointError if unreadable."""
     path = Path(path)
     if path.is_dir():
-        path = path / CKPT_NAME
+        path = path / layout.CHECKPOINT_STATE
     if not path.is_file():
-        raise ConfigError("checkpoint not found; give a run folder's checkpoints/epoch_N.pt "
-                          "or a search trial's checkpoint_N directory", file=str(path))
+        raise CheckpointError("checkpoint not found; give a run folder's checkpoints/epoch_N.pt "
+                              "or a search trial's checkpoint_N directory", file=str(path))
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for truncated/garbage files
-        raise ConfigError(f"corrupt or unreadable checkpoint ({type(e).__name__}); "
-                          "use an earlier epoch's checkpoint", file=str(path)) from None
+        raise CheckpointError(f"corrupt or unreadable checkpoint ({type(e).__name__}); "
+                              "use an earlier epoch's checkpoint", file=str(path)) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ConfigError("not a gatetune checkpoint (no model/config); for dense weights use "
-                          "model.weights=PATH", file=str(path))
+        raise CheckpointError("not a gatetune checkpoint (no model/config); for dense weights use "
+                              "model.weights=PATH", file=str(path))
     return state
+
+
+def read_newest(paths: list[Path]) -> dict | None:
+    """The first readable checkpoint of `paths` (newest first); each unreadable one is warned about and
+    skipped. None when none can be read: the run starts over rather than failing forever."""
+    for p in paths:
+        try:
+            return read(p)
+        except CheckpointError as e:
+            warnings.warn(f"{e}; falling back to the previous checkpoint")
+    return None
 
 
 class RunFolder:
@@ -63,26 +71,22 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike, keep: int = 2):
         self.path, self.keep = Path(path), keep
-        self.ckpt_dir = self.path / "checkpoints"
+        self.ckpt_dir = self.path / layout.CHECKPOINTS
 
     def checkpoints(self) -> list[Path]:
         if not self.ckpt_dir.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.ckpt_dir.iterdir() if (m := _EPOCH_FILE.match(p.name))]
+        found = [(int(m.group(1)), p) for p in self.ckpt_dir.iterdir()
+                 if (m := layout.EPOCH_FILE.fullmatch(p.name))]
         return [p for _, p in sorted(found)]
 
     def latest(self) -> dict | None:
         """Newest readable checkpoint; a corrupt one is reported and skipped."""
-        for p in reversed(self.checkpoints()):
-            try:
-                return read(p)
-            except ConfigError as e:
-                warnings.warn(f"{e}; falling back to the previous checkpoint")
-        return None
+        return read_newest(list(reversed(self.checkpoints())))
 
     def save(self, state: dict, metrics_rows: list[dict]) -> Path:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        target = self.ckpt_dir / f"epoch_{state['epoch']:03d}.pt"
+        target = self.ckpt_dir / layout.epoch_file(state["epoch"])
         save_atomic(state, target)
         self.write_metrics(metrics_rows)
         for old in self.checkpoints()[:-self.keep]:
@@ -93,9 +97,9 @@ class RunFolder:
         # Rewritten whole each epoch from the checkpoint's history, so a resumed run never
         # duplicates or loses rows.
         fields = list(dict.fromkeys(k for r in rows for k in r))
-        tmp = self.path / ".metrics.csv.tmp"
+        tmp = self.path / f".{layout.METRICS}.tmp"
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=fields)
             w.writeheader()
             w.writerows(rows)
-        os.replace(tmp, self.path / "metrics.csv")
+        os.replace(tmp, self.path / layout.METRICS)

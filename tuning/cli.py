@@ -15,6 +15,8 @@ import argparse
 import os
 import sys
 
+from gatetune.core.errors import UserError
+
 __all__ = ["main"]
 
 
@@ -71,7 +73,7 @@ def _train(a) -> None:
 
 
 def _eval(a) -> None:
-    from gatetune.tuning.run import eval_checkpoint
+    from gatetune.tuning.evaluate import eval_checkpoint
     m = eval_checkpoint(a.checkpoint, a.overrides)
     print(f"top1: {m['top1']:.2f}%, top5: {m['top5']:.2f}%, density: {100 * m['density']:.2f}%, "
           f"macs: {m['macs']:.4g} ({100 * m['macs_ratio']:.1f}% of dense) [{m['images']} images]")
@@ -84,7 +86,7 @@ def _eval(a) -> None:
 
 def _layers(a) -> None:
     from gatetune import models
-    from gatetune.tuning.errors import nearest
+    from gatetune.core.errors import nearest
     if a.model not in models.list_models():
         raise models.ModelError(f"unknown model {a.model!r}; {nearest(a.model, models.list_models())}")
     c_in, size = models.default_input(a.model)
@@ -118,19 +120,12 @@ def _report(a) -> None:
     print(results.summary_markdown(df))
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from gatetune import models, results
-    from gatetune.tuning.data import DataError
-    from gatetune.tuning.errors import ConfigError
-    return ConfigError, models.ModelError, DataError, results.ReportError
-
-
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     try:
         {"train": _train, "eval": _eval, "layers": _layers, "search": _search,
          "resume": _resume, "report": _report}[a.command](a)
-    except _user_errors() as e:
+    except UserError as e:
         print(f"gatetune {a.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -3,21 +3,24 @@
 Plain ASHA on top-1 compares a density-0.25 trial with a density-1.0 trial. Fewer channels learn
 slower, so the low-density trials are cut at the first rung and the left half of the
 density/accuracy curve is never trained. `DensityStratifiedASHA` gives every density bucket its own
-ASHA bracket (its own rungs and cutoffs): a trial only competes with trials of the same density.
-It also stops, as `off_target`, a trial whose achieved density stays further than a tolerance from
-its target after the grace period.
+ASHA (its own rungs and cutoffs): a trial only competes with trials of the same density. It also
+stops, as `off_target`, a trial whose achieved density stays further than a tolerance from its
+target after the grace period.
 
-Both append each early stop to RUN_DIR/decisions.jsonl (ASHA-stopped trials look TERMINATED in Ray),
-which the report reads for its `stopped_by` column.
+Both append each early stop to the run folder's decisions.jsonl (ASHA-stopped trials look TERMINATED
+in Ray), which the report reads for its `stopped_by` column. Only Ray Tune's public scheduler API is
+used: the stratified scheduler holds one ASHAScheduler per bucket and hands each trial to its own.
+
+    build(plan, log)          # the scheduler a search config asks for (plan: space.SearchPlan)
 """
 from __future__ import annotations
 
-__all__ = ["RecordingASHA", "DensityStratifiedASHA", "nearest_bucket"]
+__all__ = ["RecordingASHA", "DensityStratifiedASHA", "DecisionLog", "build", "rungs", "nearest_bucket"]
 
 import json
+import os
 
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
-from ray.tune.schedulers.async_hyperband import _Bracket
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 
 def nearest_bucket(buckets, density: float) -> float:
@@ -25,28 +28,52 @@ def nearest_bucket(buckets, density: float) -> float:
     return min(buckets, key=lambda b: (abs(b - density), b))
 
 
+def rungs(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
+    """ASHA's milestones in epochs: grace * rf^k below max_t, then max_t (where every trial stops)."""
+    out, m = [], grace_period
+    while m < max_t:
+        out.append(m)
+        m *= reduction_factor
+    return [*out, max_t]
+
+
+class DecisionLog:
+    """One JSON line per early stop (trial_id, stopped_by, epoch, top1) appended to a local file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
 class RecordingASHA(ASHAScheduler):
-    """ASHA (`time_attr` = epoch) that logs each early stop to `log` (a JSON-lines file, or None)."""
+    """ASHA (time attribute `epoch`) that logs each early stop to `log` (a DecisionLog, or None)."""
 
-    def __init__(self, log: str | None = None, **kw):
-        super().__init__(**kw)
-        self.log = log
+    def __init__(self, log: DecisionLog | None = None, *, metric: str, mode: str, time_attr: str = "epoch",
+                 max_t: int, **kw):
+        super().__init__(metric=metric, mode=mode, time_attr=time_attr, max_t=max_t, **kw)
+        self.log, self.time_attr, self.max_t, self.mode = log, time_attr, max_t, mode
 
-    def _record(self, trial, result: dict, why: str) -> None:
-        if self.log:
-            with open(self.log, "a") as f:
-                f.write(json.dumps({"trial_id": trial.trial_id, "stopped_by": why, "epoch": result.get("epoch"),
-                                    "top1": result.get("top1")}) + "\n")
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        """Accept TuneConfig's metric and mode when they are ours (Tune refuses a scheduler otherwise)."""
+        return metric in (None, self.metric) and mode in (None, self.mode)
+
+    def record(self, trial, result: dict, why: str) -> None:
+        if self.log is not None:
+            self.log.write({"trial_id": trial.trial_id, "stopped_by": why, "epoch": result.get("epoch"),
+                            "top1": result.get("top1")})
 
     def on_trial_result(self, tune_controller, trial, result):
         action = super().on_trial_result(tune_controller, trial, result)
-        if action == TrialScheduler.STOP and result.get(self._time_attr, 0) < self._max_t:
-            self._record(trial, result, "asha")
+        if action == TrialScheduler.STOP and result.get(self.time_attr, 0) < self.max_t:
+            self.record(trial, result, "asha")
         return action
 
 
-class DensityStratifiedASHA(RecordingASHA):
-    """ASHA with one bracket per density bucket, plus an `off_target` stop.
+class DensityStratifiedASHA(FIFOScheduler):
+    """One RecordingASHA per density bucket, plus an `off_target` stop.
 
     buckets: the density values trials are grouped by (a trial joins the nearest one), e.g. the
     `choice` values of gating.density or the centres of bins over its range.
@@ -56,36 +83,62 @@ class DensityStratifiedASHA(RecordingASHA):
     """
 
     def __init__(self, buckets, *, density_key: str = "gating.density", default: float = 1.0,
-                 tolerance: float | None = 0.05, log: str | None = None, grace_period: int = 1, **kw):
-        super().__init__(log=log, grace_period=grace_period, **kw)
-        self._buckets = sorted(float(b) for b in buckets) or [default]
-        self._density_key, self._default, self._tolerance = density_key, default, tolerance
-        self._grace = grace_period
-        self._bracket_of_bucket: dict[float, _Bracket] = {}
+                 tolerance: float | None = 0.05, log: DecisionLog | None = None, metric: str, mode: str,
+                 time_attr: str = "epoch", max_t: int, grace_period: int = 1, reduction_factor: int = 2):
+        super().__init__()
+        self.buckets = sorted(float(b) for b in buckets) or [float(default)]
+        self.density_key, self.default, self.tolerance = density_key, default, tolerance
+        self.time_attr, self.max_t, self.grace, self.mode, self.objective = time_attr, max_t, grace_period, mode, metric
+        self.asha = {b: RecordingASHA(log, metric=metric, mode=mode, time_attr=time_attr, max_t=max_t,
+                                      grace_period=grace_period, reduction_factor=reduction_factor)
+                     for b in self.buckets}
+
+    @property
+    def metric(self) -> str:
+        return self.objective
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        return metric in (None, self.metric) and mode in (None, self.mode)
 
     def bucket(self, density: float) -> float:
-        return nearest_bucket(self._buckets, density)
+        return nearest_bucket(self.buckets, density)
 
     def target(self, trial) -> float:
-        return float(trial.config.get(self._density_key, self._default))
+        return float(trial.config.get(self.density_key, self.default))
+
+    def _of(self, trial) -> RecordingASHA:
+        return self.asha[self.bucket(self.target(trial))]
 
     def on_trial_add(self, tune_controller, trial):
-        super().on_trial_add(tune_controller, trial)    # validates metric/mode
-        b = self.bucket(self.target(trial))
-        if b not in self._bracket_of_bucket:
-            self._bracket_of_bucket[b] = _Bracket(self._grace, self._max_t, self._reduction_factor, 0,
-                                                  stop_last_trials=self._stop_last_trials)
-        self._trial_info[trial.trial_id] = self._bracket_of_bucket[b]
+        self._of(trial).on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result):
-        t = result.get(self._time_attr, 0)
-        if (self._tolerance is not None and "density" in result and t >= self._grace and t < self._max_t
-                and abs(result["density"] - self.target(trial)) > self._tolerance):
-            self._num_stopped += 1
-            self._record(trial, result, "off_target")
+        t = result.get(self.time_attr, 0)
+        if (self.tolerance is not None and "density" in result and self.grace <= t < self.max_t
+                and abs(result["density"] - self.target(trial)) > self.tolerance):
+            self._of(trial).record(trial, result, "off_target")
             return TrialScheduler.STOP
-        return super().on_trial_result(tune_controller, trial, result)
+        return self._of(trial).on_trial_result(tune_controller, trial, result)
 
-    def rungs(self) -> dict[float, list[tuple[float, int]]]:
-        """{bucket: [(milestone, trials recorded there), ...]} for the console summary."""
-        return {b: [(m, len(rec)) for m, rec in reversed(br._rungs)] for b, br in sorted(self._bracket_of_bucket.items())}
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        self._of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return "DensityStratifiedASHA: " + "; ".join(f"density {b:g}: {a.debug_string()}" for b, a in self.asha.items())
+
+
+def build(plan, log: DecisionLog | None):
+    """The scheduler of a search plan (space.SearchPlan): FIFO, ASHA or density-stratified ASHA on top1."""
+    cfg = plan.cfg
+    s = cfg.search.scheduler
+    if s.name == "fifo":
+        return FIFOScheduler()
+    common = dict(metric=cfg.search.metric, mode=cfg.search.mode, time_attr="epoch", max_t=plan.max_epochs,
+                  grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    if s.name == "asha":
+        return RecordingASHA(log, **common)
+    return DensityStratifiedASHA(plan.density_buckets, default=cfg.gating.density, tolerance=s.off_target_tolerance,
+                                 log=log, **common)

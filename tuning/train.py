@@ -143,7 +143,7 @@ def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict |
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.seed)
-    data = data or load_data(C.data_spec(cfg), device, seed=cfg.seed)
+    data = data or load_data(cfg.data, device, seed=cfg.seed)
     net = build_model(cfg, data).to(device)
     amp = cfg.train.amp and device.type == "cuda"
     if amp:

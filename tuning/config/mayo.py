@@ -19,7 +19,7 @@ The notebook configured gating as Mayo layer overrides, e.g.
                     expand3: {<<: *gated_conv, should_gate: ^(should_gate), trainable: ^(trainable)}
             fire9: {<<: *fire, should_gate: true, trainable: true}
 
-Read as (DESIGN.md's mapping of the notebook's keys):
+Read as follows (docs/design.md, "The notebook's files"):
 - layers whose name starts with `_` are templates (YAML anchors), not layers;
 - a layer with `layers:` is a module (a fire module, a depthwise-separable block); its `kwargs:` declares
   the arguments it takes (with defaults) and `^(name)` in its children is replaced by their values;
@@ -38,7 +38,7 @@ __all__ = ["is_mayo", "translate"]
 
 from typing import Any
 
-from gatetune.tuning.errors import ConfigError, nearest
+from gatetune.core.errors import UserError, nearest
 
 _GATED_KEYS = ("type", "density", "weight", "online", "trainable", "should_gate")
 _PLAIN_KEYS = ("type", "trainable")
@@ -58,16 +58,16 @@ def translate(data: dict, file: str) -> dict:
     name = model.pop("name", None)
     layers = model.pop("layers")
     if name is None:
-        raise ConfigError("a Mayo gating file needs model.name (the network, e.g. squeezenet_v11)",
+        raise UserError("a Mayo gating file needs model.name (the network, e.g. squeezenet_v11)",
                           file=file, key="model.name")
     if name not in models.list_models():
-        raise ConfigError(f"unknown model {name!r}; {nearest(str(name), models.list_models())}",
+        raise UserError(f"unknown model {name!r}; {nearest(str(name), models.list_models())}",
                           file=file, key="model.name")
     for key in model:
-        raise ConfigError(f"Mayo key model.{key} is not read by gatetune; remove it (gatetune keeps model.name "
+        raise UserError(f"Mayo key model.{key} is not read by gatetune; remove it (gatetune keeps model.name "
                           "and model.layers of a notebook file)", file=file, key=f"model.{key}")
     if not isinstance(layers, dict):
-        raise ConfigError(f"model.layers must be a mapping of layer names, got {layers!r}", file=file,
+        raise UserError(f"model.layers must be a mapping of layer names, got {layers!r}", file=file,
                           key="model.layers")
     leaves: list[tuple[str, str, dict]] = []   # (mayo key, site pattern, resolved leaf)
     for lname, entry in layers.items():
@@ -80,7 +80,7 @@ def translate(data: dict, file: str) -> dict:
         try:
             found = models.resolve_sites(name, pattern)
         except models.ModelError as e:
-            raise ConfigError(f"{e}", file=file, key=key) from None
+            raise UserError(f"{e}", file=file, key=key) from None
         for s in found:
             sites[s] = (key, leaf)
     gated = [s for s, (_, leaf) in sites.items() if leaf.get("type") == "gated_convolution"
@@ -92,14 +92,14 @@ def translate(data: dict, file: str) -> dict:
         key, leaf = sites[s]
         online = leaf.get("online")
         if online is False:
-            raise ConfigError("online: false (the notebook's offline gate, given up in its 2018-01-17 summary) "
+            raise UserError("online: false (the notebook's offline gate, given up in its 2018-01-17 summary) "
                               "is not supported; set online: true (gatetune's policy mse) or remove `online` "
                               "for FBS", file=file, key=f"{key}.online")
         if online is not None and not isinstance(online, bool):
-            raise ConfigError(f"online must be true or false, got {online!r}", file=file, key=f"{key}.online")
+            raise UserError(f"online must be true or false, got {online!r}", file=file, key=f"{key}.online")
         policies.add("mse" if online else None)
     if len(policies) > 1:
-        raise ConfigError("some gated layers set online: true and others leave it out; one policy per network",
+        raise UserError("some gated layers set online: true and others leave it out; one policy per network",
                           file=file, key="model.layers")
     if policies == {"mse"}:
         gating["policy"] = "mse"
@@ -125,35 +125,35 @@ def translate(data: dict, file: str) -> dict:
 
 def _walk(path: str, entry, args: dict, key: str, file: str, leaves: list) -> None:
     if not isinstance(entry, dict):
-        raise ConfigError(f"a layer must be a mapping, got {entry!r}", file=file, key=key)
+        raise UserError(f"a layer must be a mapping, got {entry!r}", file=file, key=key)
     entry = {k: _substitute(v, args, f"{key}.{k}", file) for k, v in entry.items()}
     if "layers" in entry:
         declared = entry.get("kwargs") or {}
         if not isinstance(declared, dict):
-            raise ConfigError(f"kwargs must map argument names to defaults, got {declared!r}", file=file,
+            raise UserError(f"kwargs must map argument names to defaults, got {declared!r}", file=file,
                               key=f"{key}.kwargs")
         given = {k: v for k, v in entry.items() if k not in _MODULE_KEYS}
         for k in given:
             if k not in declared:
-                raise ConfigError(f"unknown key {k!r}; {nearest(str(k), [*declared, *_MODULE_KEYS])}",
+                raise UserError(f"unknown key {k!r}; {nearest(str(k), [*declared, *_MODULE_KEYS])}",
                                   file=file, key=f"{key}.{k}")
         sub_args = {**declared, **given}
         children = entry["layers"]
         if not isinstance(children, dict):
-            raise ConfigError(f"layers must be a mapping of layer names, got {children!r}", file=file,
+            raise UserError(f"layers must be a mapping of layer names, got {children!r}", file=file,
                               key=f"{key}.layers")
         for child, sub in children.items():
             _walk(f"{path}.{child}", sub, sub_args, f"{key}.layers.{child}", file, leaves)
         return
     allowed = _GATED_KEYS if entry.get("type") == "gated_convolution" else _PLAIN_KEYS
     if entry.get("type") not in (None, "gated_convolution", "convolution"):
-        raise ConfigError(f"layer type {entry['type']!r} is not a gate; use gated_convolution (or leave the "
+        raise UserError(f"layer type {entry['type']!r} is not a gate; use gated_convolution (or leave the "
                           "layer out)", file=file, key=f"{key}.type")
     for k in entry:
         if k not in allowed:
             hint = " (only gated_convolution layers gate; add type: gated_convolution)" \
                 if k in _GATED_KEYS else ""
-            raise ConfigError(f"unknown key {k!r}; {nearest(str(k), allowed)}{hint}", file=file, key=f"{key}.{k}")
+            raise UserError(f"unknown key {k!r}; {nearest(str(k), allowed)}{hint}", file=file, key=f"{key}.{k}")
     leaves.append((key, path, entry))
 
 
@@ -162,7 +162,7 @@ def _substitute(value, args: dict, key: str, file: str):
     if isinstance(value, str) and value.startswith("^(") and value.endswith(")"):
         arg = value[2:-1]
         if arg not in args:
-            raise ConfigError(f"{value} names no argument of this module; {nearest(arg, list(args))} "
+            raise UserError(f"{value} names no argument of this module; {nearest(arg, list(args))} "
                               "(declare it under kwargs:)", file=file, key=key)
         return args[arg]
     return value
@@ -173,5 +173,5 @@ def _flag(leaf: dict, field: str, file: str, key: str) -> bool:
     if v is None:
         return _MAYO_DEFAULTS[field]
     if not isinstance(v, bool):
-        raise ConfigError(f"{field} must be true or false, got {v!r}", file=file, key=f"{key}.{field}")
+        raise UserError(f"{field} must be true or false, got {v!r}", file=file, key=f"{key}.{field}")
     return v

@@ -1,0 +1,6 @@
+"""gatetune.core: what models/, tuning/ and results/ share, with no torch, Ray or pandas behind it.
+
+    errors   UserError (one line: file, key, problem, fix), CheckpointError, nearest ("did you mean")
+    layout   the names of every file in a run folder (search and `gatetune train`)
+    dotted   dotted config keys on plain dicts: get/set, flatten, diff, a trial's effective config
+"""

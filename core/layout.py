@@ -1,0 +1,55 @@
+"""Every file gatetune writes or reads in a run folder, named once (tuning writes, results reads).
+
+A search's run folder (`--storage`/`--name`, default runs/<name>) is Ray Tune's experiment folder plus
+gatetune's own files:
+
+    <run>/gatetune.yaml            the resolved search config (base of every trial's config)
+    <run>/optuna.db                the Optuna study (SQLite; optuna-dashboard opens it)
+    <run>/decisions.jsonl          one line per early stop: trial_id, stopped_by, epoch, top1
+    <run>/report.csv, report.md, pareto.png          written at the end, and by `gatetune report`
+    <run>/tuner.pkl, experiment_state-*.json, searcher-state-*.pkl   Ray Tune's
+    <run>/trial_<id>/              one trial: params.json, result.json (one line per epoch),
+        checkpoint_NNNNNN/state.pt    its epoch checkpoints (Ray keeps the best few and the newest),
+        latency.json                  latency_ratio of one checkpoint (Pareto trials)
+
+`gatetune train` writes a smaller folder (default runs/<name>):
+
+    <run>/config.yaml, metrics.csv, checkpoints/epoch_NNN.pt
+"""
+from __future__ import annotations
+
+import re
+
+# --- a search's run folder
+CONFIG = "gatetune.yaml"
+STUDY = "optuna.db"
+DECISIONS = "decisions.jsonl"
+REPORT_CSV = "report.csv"
+REPORT_MD = "report.md"
+PARETO_PNG = "pareto.png"
+TUNER = "tuner.pkl"
+EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
+STORAGE_MARKER = ".gatetune_marker"     # written by the driver, looked for by every node
+
+# --- one trial's folder inside it
+TRIAL_PREFIX = "trial_"
+PARAMS = "params.json"
+RESULT = "result.json"
+LATENCY = "latency.json"
+CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")
+CHECKPOINT_STATE = "state.pt"           # the file inside a Ray Tune checkpoint directory
+
+# --- `gatetune train`'s run folder
+TRAIN_CONFIG = "config.yaml"
+METRICS = "metrics.csv"
+CHECKPOINTS = "checkpoints"
+EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
+
+
+def trial_dirname(trial_id: str) -> str:
+    """`trial_<id>`: short, so the report's checkpoint column stays readable."""
+    return f"{TRIAL_PREFIX}{trial_id}"
+
+
+def epoch_file(epoch: int) -> str:
+    return f"epoch_{epoch:03d}.pt"

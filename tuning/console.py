@@ -1,0 +1,51 @@
+"""What a search prints: one line per trial result (the notebook's style) and the summary at the end."""
+from __future__ import annotations
+
+__all__ = ["Console", "summary"]
+
+from ray.tune import Callback
+
+from gatetune.tuning.schedulers import nearest_bucket, rungs
+
+
+class Console(Callback):
+    """`<trial> epoch:  2.00/8 | gate.loss: .. | gate: 50.00% | top1: ..% | top5: ..% | .. img/s` per result."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        tag = " DIVERGED" if result.get("diverged") else ""
+        print(f"{trial.trial_id} epoch: {result.get('epoch', 0):5.2f}/{self.epochs} | gate.loss: "
+              f"{result.get('gate_loss', 0):.4g} | gate: {100 * result.get('density', 1):6.2f}% | "
+              f"top1: {result.get('top1', 0):6.2f}% | top5: {result.get('top5', 0):6.2f}% | "
+              f"{result.get('images_per_s', 0):6.0f} img/s{tag}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"{trial.trial_id} ERROR (see error.txt in its trial folder)", flush=True)
+
+
+def summary(df, plan, elapsed: float, run_dir: str) -> list[str]:
+    """The lines printed when a search returns: finished or interrupted, and how far trials got per
+    ASHA rung (per density bucket when stratified). df: the report table; plan: space.SearchPlan."""
+    expected = plan.trials
+    unfinished = int(df["status"].isin(["running", "pending"]).sum()) + max(0, expected - len(df))
+    if unfinished:
+        return [f"\nsearch interrupted after {elapsed:.0f} s: {unfinished} of {expected} trials unfinished; "
+                f"continue with `gatetune resume {run_dir}`"]
+    lines = [f"\nsearch finished in {elapsed:.0f} s: {len(df)} trials, {int((df['status'] == 'error').sum())} "
+             f"errors, {int((df['status'] == 'diverged').sum())} diverged"]
+    s = plan.cfg.search.scheduler
+    if s.name == "fifo":
+        return lines
+    marks, top = rungs(s.grace_period, s.reduction_factor, plan.max_epochs), plan.max_epochs
+    buckets = plan.density_buckets if s.name == "asha_by_density" else [None]
+    for b in buckets:
+        mine = df if b is None else df[[nearest_bucket(buckets, float(d)) == b for d in df["target_density"]]]
+        epochs = [float(e) for e in mine["epochs"].fillna(0)]
+        if not epochs:
+            continue
+        reached = ", ".join(f"{sum(e >= r for e in epochs)} reached epoch {r:g}" for r in marks)
+        label = "ASHA" if b is None else f"ASHA density {b:g}"
+        lines.append(f"{label}: {reached}; {sum(e < top for e in epochs)} of {len(epochs)} stopped early")
+    return lines

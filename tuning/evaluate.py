@@ -1,0 +1,105 @@
+"""Evaluating checkpoints: `gatetune eval`, and the latency_ratio of a search's Pareto trials.
+
+    eval_checkpoint("runs/digits/checkpoints/epoch_010.pt")   # top1, top5, density, macs, latency_ratio
+    pareto_latency("runs/quickstart")                          # <trial>/latency.json for the front's trials
+
+latency_ratio is measured by models.measure_latency on the deployed inference path (models.SkipNet) over
+the dense network with the same weights, at batch 1 on the CPU with one thread.
+"""
+from __future__ import annotations
+
+__all__ = ["eval_checkpoint", "open_checkpoint", "measure_latency", "pareto_latency"]
+
+import json
+from pathlib import Path
+
+import torch
+
+from gatetune.core import layout
+from gatetune.core.dotted import set_dotted
+from gatetune.core.errors import CheckpointError, UserError
+from gatetune.tuning import checkpoint as ckpt
+from gatetune.tuning import config as C
+from gatetune.tuning.data import load, load_cached
+from gatetune.tuning.train import build_model, evaluate, pick_device
+
+
+def eval_checkpoint(path: str | Path, overrides: list[str] = (), latency: bool = True) -> dict:
+    """Top-1/top-5, density and MACs of a checkpoint on the full validation split, and latency_ratio
+    (see `measure_latency`; None for a network with no gated site), unless latency is False.
+
+    overrides (dotted, e.g. data.root=/data/imagenet) change where the data is read from."""
+    cfg, net, data = open_checkpoint(path, overrides)
+    metrics = evaluate(net, data.val, max(cfg.train.batch_size, 256))
+    metrics["images"] = len(data.val)
+    if latency:
+        metrics.update(measure_latency(net, data))
+    return metrics
+
+
+def open_checkpoint(path, overrides=(), device=None, cached: bool = False):
+    """(config, GatedNet with the checkpoint's weights in eval mode, data) of a checkpoint; data is loaded
+    on `device` (default: the config's), through data.load_cached when `cached`."""
+    state = ckpt.read(path)
+    raw = state["config"]
+    for text in overrides:
+        key, value = C.parse_override(text)
+        if not key.startswith("data."):
+            raise UserError(f"only data.* keys can be changed for eval, got {key!r}", file="command line", key=key)
+        set_dotted(raw, key, value)
+    cfg = C.load_dict(raw, default_file=str(path))
+    device = torch.device(device) if device is not None else pick_device(cfg)
+    data = (load_cached if cached else load)(cfg.data, device, seed=cfg.seed)
+    net = build_model(cfg.model_copy(update={"model": cfg.model.model_copy(update={"weights": None})}), data)
+    try:
+        net.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint does not match its model ({str(e).splitlines()[0][:120]})",
+                              file=str(path)) from None
+    return cfg, net.to(device).eval(), data
+
+
+def measure_latency(net, data, images: int = 8, rounds: int = 3) -> dict:
+    """Batch-1 CPU latency (one thread) of the deployed inference path (models.SkipNet) over the dense
+    network with the same weights (models.dense_net), on the first `images` validation images,
+    interleaved, medians: latency_ratio = skip / dense, latency_ms (skip), dense_latency_ms. None values,
+    and latency_note saying why, when nothing is gated or the network has no skipping path."""
+    from gatetune import models
+    none = {"latency_ratio": None, "latency_ms": None, "dense_latency_ms": None}
+    if not net.gates:
+        return {**none, "latency_note": "no gated site: the network runs dense"}
+    x = next(iter(data.val.batches(images)))[0][:images]
+    try:
+        m = models.measure_latency(net, x, rounds=rounds, threads=1)
+    except models.ModelError as e:   # a network the skipping path does not support
+        return {**none, "latency_note": e.message}
+    return {"latency_ratio": m["latency_ratio"], "latency_ms": m["skip_ms"], "dense_latency_ms": m["dense_ms"]}
+
+
+def pareto_latency(run_dir: str | Path, images: int = 8, rounds: int = 2) -> int:
+    """For each trial on a Pareto front of a search folder, measure latency_ratio on its latest checkpoint
+    (the one the report's row names) and write it to <trial>/latency.json, which the report reads.
+    Returns the number of trials measured. A trial that cannot be measured is skipped with one line."""
+    from gatetune import results as R
+    run_dir = Path(run_dir)
+    try:
+        df = R.table(run_dir)
+    except R.ReportError:
+        return 0
+    front = df[(df["pareto"] | df["pareto_density"]) & (df["checkpoint"] != "")]
+    done = 0
+    for _, row in front.iterrows():
+        trial, checkpoint = row["checkpoint"].split("/", 1)
+        try:
+            _, net, data = open_checkpoint(run_dir / row["checkpoint"], (), device="cpu", cached=True)
+            m = measure_latency(net, data, images, rounds)
+        except Exception as e:   # noqa: BLE001  (a report must not fail for want of a latency)
+            print(f"latency_ratio of trial {row['trial_id']} not measured: {type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:160] if str(e) else ''}")
+            continue
+        if m["latency_ratio"] is None:
+            continue
+        record = {**m, "checkpoint": checkpoint, "images": images, "threads": 1}
+        (run_dir / trial / layout.LATENCY).write_text(json.dumps(record) + "\n")
+        done += 1
+    return done
