@@ -4,11 +4,12 @@ A search's run folder (`--storage`/`--name`, default runs/<name>) is Ray Tune's 
 gatetune's own files:
 
     <run>/gatetune.yaml            the resolved search config (base of every trial's config)
-    <run>/optuna.db                the Optuna study (SQLite; optuna-dashboard opens it)
+    <run>/optuna.db                a copy of the Optuna study, renewed at each snapshot (optuna-dashboard)
     <run>/decisions.jsonl          one line per early stop: trial_id, stopped_by, epoch, top1
     <run>/report.csv, report.md, pareto.png          written at the end, and by `gatetune report`
     <run>/tuner.pkl, experiment_state-*.json, searcher-state-*.pkl   Ray Tune's
-    <run>/trial_<id>/              one trial: params.json, result.json (one line per epoch),
+    <run>/trial_<id>/              one trial: params.json (its sampled keys; a seed replica's also hold
+                                      `seed` and `confirms`: the trial it repeats), result.json (one line per epoch),
         checkpoint_NNNNNN/state.pt    its epoch checkpoints (Ray keeps the best few and the newest),
         latency.json                  latency_ratio of one checkpoint (Pareto trials)
 
@@ -30,6 +31,8 @@ PARETO_PNG = "pareto.png"
 TUNER = "tuner.pkl"
 EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
 STORAGE_MARKER = ".gatetune_marker"     # written by the driver, looked for by every node
+
+CONFIRMS = "confirms"                   # in a seed replica's params: the trial id whose config it repeats
 
 # --- one trial's folder inside it
 TRIAL_PREFIX = "trial_"

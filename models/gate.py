@@ -74,6 +74,9 @@ class GatedConv2d(nn.Module):
         self.register_buffer("_active", torch.zeros((), dtype=torch.float64), persistent=False)
         self._seen = 0  # samples since reset_density()
         self._full = 0  # of which ran with k == C_out (every channel on, no mask built)
+        # per output channel, eval-mode samples that kept it, and the eval-mode samples (selection())
+        self.register_buffer("_kept", torch.zeros(conv.out_channels, dtype=torch.float32), persistent=False)
+        self._evaluated = 0
 
     @torch.no_grad()
     def _init_predictor(self, gamma: torch.Tensor | None) -> None:
@@ -112,11 +115,17 @@ class GatedConv2d(nn.Module):
     def _winners(self, s: torch.Tensor) -> torch.Tensor | None:
         """0/1 mask (N, C_out) with exactly k ones per row, or None when every channel is kept."""
         self._seen += s.shape[0]
+        if not self.training:
+            self._evaluated += s.shape[0]
         if self.k == s.shape[1]:
             self._full += s.shape[0]
+            if not self.training:
+                self._kept += s.shape[0]
             return None
         mask = torch.zeros_like(s).scatter_(1, s.topk(self.k, dim=1, sorted=False).indices, 1.0)
         self._active += mask.sum(dtype=torch.float32)  # exact, also when s is bf16 under autocast
+        if not self.training:   # one column sum per batch; nothing in training
+            self._kept += mask.sum(0, dtype=torch.float32)
         return mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -146,6 +155,15 @@ class GatedConv2d(nn.Module):
     def reset_density(self) -> None:
         self._active.zero_()
         self._seen = self._full = 0
+
+    def selection(self, reset: bool = True) -> tuple[torch.Tensor, int]:
+        """(per output channel, the eval-mode samples that kept it (C_out,) on the CPU; eval-mode samples)
+        since the last reset: a channel's selection frequency is kept / samples."""
+        out = (self._kept.detach().cpu().clone(), self._evaluated)
+        if reset:
+            self._kept.zero_()
+            self._evaluated = 0
+        return out
 
     def density_terms(self) -> tuple[torch.Tensor, int]:
         """(kept channel count, as a tensor on the device; channel slots seen) since the last reset."""

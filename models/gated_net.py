@@ -126,6 +126,11 @@ class GatedNet(nn.Module):
                 g.reset_density()
         return {n: (a / s if s else float("nan")) for n, a, s in zip(self._gates, values, slots)}
 
+    def selection_counts(self, reset: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
+        """{gated site: (per output channel, the eval-mode samples that kept it; eval-mode samples)} since the
+        last reset, counted in eval mode only (tuning/health.py turns them into dynamic/dead/always)."""
+        return {n: g.selection(reset) for n, g in self._gates.items()}
+
     def density_of(self, d: dict[str, float]) -> float:
         """Overall density of a read_densities() result: kept channels / C_out summed over its sites; 1.0 if none."""
         total = sum(self.c_out[n] for n in d)

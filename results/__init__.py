@@ -6,8 +6,10 @@ beside a live search or on a copy of the folder elsewhere:
     python -c "from gatetune.results import write_report; print(write_report('runs/quickstart'))"
 """
 
-from ._collect import ReportError, collect
+from ._collect import STATUSES, ReportError, collect
 from ._report import write_report
-from ._table import pareto_mask, summary_markdown, table
+from ._seeds import front_trials
+from ._table import COLUMNS, pareto_mask, summary_markdown, table
 
-__all__ = ["ReportError", "collect", "table", "summary_markdown", "write_report", "pareto_mask"]
+__all__ = ["ReportError", "collect", "table", "summary_markdown", "write_report", "pareto_mask", "front_trials",
+           "COLUMNS", "STATUSES"]

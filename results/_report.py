@@ -17,8 +17,8 @@ _COLOURS = {"completed": "#1f77b4", "stopped": "#7f7f7f", "running": "#2ca02c", 
             "diverged": "#ff7f0e", "error": "#d62728"}
 _MARKERS = {"diverged": "^", "error": "X"}  # failures also differ in shape, not only in colour
 # Table columns shown as percentages (stored as fractions 0..1) and with 2 decimals (percent).
-_FRACTIONS = ("target_density", "density", "macs_ratio", "latency_ratio")
-_PERCENTS = ("top1", "top5")
+_FRACTIONS = ("target_density", "density", "macs_ratio", "latency_ratio", "density_mean", "macs_ratio_mean")
+_PERCENTS = ("top1", "top5", "top1_mean", "top1_std")
 
 
 def write_report(run_dir, csv=None, markdown=None, plot=None) -> pd.DataFrame:
@@ -61,13 +61,52 @@ def _report_text(name: str, path: Path, df: pd.DataFrame, size: int, image: str)
         f"run folder size {human_bytes(size)} ({size:,} bytes).", "",
         "Metrics are each trial's last report; `density` is the achieved fraction of channels kept, "
         "`target_density` the configured one. `pareto`: not dominated in top1 (max) and macs_ratio (min); "
-        "`pareto_density`: in top1 and density; among trials with results that did not error or diverge."
+        "`pareto_density`: in top1 and density; both among the trials that trained their full budget "
+        "(completed): a stopped trial's top-1 is that of an earlier epoch, so it is never on a front."
         + (" `latency_ratio`: batch-1 CPU latency (1 thread) of the channel-skipping inference path over the "
            "dense network with the same weights, measured at the end of the search for the Pareto trials."
            if "latency_ratio" in df else ""), "",
         "## Summary", "", summary_markdown(df),
+        *_seeds_section(df),
+        *_health_section(df),
         "## All trials", "", _full_table(df),
         "## Pareto front", "", f"![top-1 against MACs ratio and density]({image})", ""])
+
+
+def _seeds_section(df: pd.DataFrame) -> list[str]:
+    """'Front over N seeds': each confirmed config's mean and std over its seeds, best mean first."""
+    confirmed = df[df["n_seeds"].notna()].sort_values("top1_mean", ascending=False, kind="stable")
+    if confirmed.empty:
+        return []
+    n = int(confirmed["n_seeds"].max())
+    rows = [[cell(r["trial_id"]), f"{100 * r['density_mean']:.2f}%", f"{100 * r['macs_ratio_mean']:.2f}%",
+             f"{r['top1_mean']:.2f} ± {0 if is_missing(r['top1_std']) else r['top1_std']:.2f}", f"{int(r['n_seeds'])}",
+             cell(r["gate_health"]), "yes" if r["pareto_seeds"] else ""] for _, r in confirmed.iterrows()]
+    table = markdown_table(["config (trial)", "density", "macs_ratio", "top1 mean ± std", "seeds", "gate_health",
+                            "front"], rows, "lrrrrll")
+    return [f"## Front over {n} seeds", "",
+            "Each confirmed config trained again with other seeds (its replicas name it under `confirms`); mean "
+            "and sample standard deviation over its seeds. `front`: not dominated in mean top1 and mean macs_ratio "
+            "(or density, with `search.confirm.front: pareto_density`).", "", table]
+
+
+def _health_section(df: pd.DataFrame) -> list[str]:
+    """'Gating health': how many trials have dynamic gates, and the worst site of each that does not."""
+    known = df[df["gate_health"].astype(str) != ""]
+    if known.empty:
+        return []
+    counts = known["gate_health"].value_counts()
+    bad = known[~known["gate_health"].isin(("ok", "dense"))]
+    rows = [[cell(r["trial_id"]), cell(r["status"]), _format("density", r["density"]), cell(r["gate_health"]),
+             cell(r["gate_health_detail"])] for _, r in bad.iterrows()]
+    return ["## Gating health", "",
+            "Per trial, on the validation split at its last epoch: a channel is dynamic when inputs keep it "
+            "between 1% and 99% of the time. `static`: over 90% of the gated channels are never or always kept "
+            "(static pruning in disguise); `collapsed`: density off target, or a site with no dynamic channel "
+            "and dead ones; `dense`: no site drops channels. "
+            + ", ".join(f"{counts[h]} {h}" for h in ("ok", "static", "collapsed", "dense") if h in counts) + ".", "",
+            *([markdown_table(["trial", "status", "density", "gate_health", "worst site"], rows, "llrll")]
+              if rows else [])]
 
 
 def _full_table(df: pd.DataFrame) -> str:
@@ -79,7 +118,7 @@ def _full_table(df: pd.DataFrame) -> str:
 def _format(column: str, value) -> str:
     if is_missing(value):
         return ""
-    if column in PARETO:
+    if column in PARETO or column == "pareto_seeds":
         return "yes" if value else ""
     if column in _FRACTIONS:
         return f"{100 * float(value):.2f}%"
@@ -91,8 +130,10 @@ def _format(column: str, value) -> str:
 
 
 def plot_pareto(df: pd.DataFrame, path, title: str) -> None:
-    """Two panels, top-1 against MACs ratio and against achieved density: every trial a point
-    coloured by status, the Pareto front as a step line, the dense baseline as a dashed line."""
+    """Two panels, top-1 against MACs ratio and against achieved density: every search trial a point
+    coloured by status (stopped trials hollow, labelled with their last epoch: never on a front), the
+    Pareto front of the completed trials as a step line, confirmed configs as their mean with a +-1 std
+    error bar and the front over seeds dashed, the dense baseline as a dashed line."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI; Agg renders PNGs
     from matplotlib.ticker import PercentFormatter
 
@@ -114,15 +155,24 @@ def plot_pareto(df: pd.DataFrame, path, title: str) -> None:
 
 
 def _panel(ax, df: pd.DataFrame, x: str, front: str, baseline) -> None:
-    points = df[df["top1"].notna() & df[x].notna()]
+    points = df[df["top1"].notna() & df[x].notna() & (df["confirms"] == "")]
     if points.empty:
         ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
         return
     for status in STATUSES:
         group = points[points["status"] == status]
-        if len(group):
-            ax.scatter(group[x], group["top1"], s=36, color=_COLOURS[status], marker=_MARKERS.get(status, "o"),
-                       alpha=0.85, label=f"{status} ({len(group)})", zorder=3)
+        if not len(group):
+            continue
+        if status == "stopped":   # hollow: its top-1 is an earlier epoch's, not a result to pick
+            ax.scatter(group[x], group["top1"], s=36, facecolors="none", edgecolors=_COLOURS[status], zorder=3,
+                       label=f"stopped early ({len(group)}; e<N> = last epoch)")
+            for _, row in group.iterrows():
+                ax.annotate(f"e{row['epochs']:g}", (row[x], row["top1"]), xytext=(4, 3), textcoords="offset points",
+                            fontsize="xx-small", color=_COLOURS[status])
+            continue
+        ax.scatter(group[x], group["top1"], s=36, color=_COLOURS[status], marker=_MARKERS.get(status, "o"),
+                   alpha=0.85, label=f"{status} ({len(group)})", zorder=3)
+    _seed_means(ax, df, x)
     best = points[points[front]].sort_values(x)
     if len(best):
         ax.plot(best[x], best["top1"], drawstyle="steps-post", color="black", lw=1.2, zorder=2,
@@ -134,6 +184,20 @@ def _panel(ax, df: pd.DataFrame, x: str, front: str, baseline) -> None:
     if baseline is not None:
         ax.axhline(baseline["top1"], color="black", ls="--", lw=1, alpha=0.7,
                    label=f"dense baseline ({baseline['top1']:.2f}%)")
+
+
+def _seed_means(ax, df: pd.DataFrame, x: str) -> None:
+    """Confirmed configs: mean top-1 +- 1 std over their seeds, and the front over seeds (dashed)."""
+    confirmed = df[df["n_seeds"].notna()]
+    if confirmed.empty:
+        return
+    n = int(confirmed["n_seeds"].max())
+    ax.errorbar(confirmed[f"{x}_mean"], confirmed["top1_mean"], yerr=confirmed["top1_std"].fillna(0), fmt="D",
+                ms=5, color="#9467bd", ecolor="#9467bd", capsize=3, zorder=5, label=f"mean ± std over {n} seeds")
+    best = confirmed[confirmed["pareto_seeds"]].sort_values(f"{x}_mean")
+    if len(best) > 1:
+        ax.plot(best[f"{x}_mean"], best["top1_mean"], drawstyle="steps-post", color="#9467bd", ls="--", lw=1.2,
+                zorder=2, label=f"front over {n} seeds")
 
 
 def _baseline(df: pd.DataFrame):

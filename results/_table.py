@@ -7,7 +7,10 @@ import math
 import numpy as np
 import pandas as pd
 
+from gatetune.core import layout
+
 from ._collect import Run, collect_run, open_run
+from ._seeds import SEED_COLUMNS, add_seed_stats
 
 # Report column -> key of the trial's effective config (the same word as the YAML key).
 _FROM_CONFIG = {"model": "model.name", "dataset": "data.dataset", "policy": "gating.policy",
@@ -16,12 +19,11 @@ _FROM_CONFIG = {"model": "model.name", "dataset": "data.dataset", "policy": "gat
 _FROM_METRICS = ("density", "macs_ratio", "macs", "top1", "top5", "gate_loss")
 COLUMNS = ("trial_id", "status", "stopped_by", "model", "dataset", "policy", "target_density", "density",
            "macs_ratio", "macs", "top1", "top5", "gate_loss", "epochs", "weight", "gated_layers",
-           "trainable_layers", "lr", "seed", "node", "checkpoint", "pareto", "pareto_density")
+           "trainable_layers", "lr", "seed", "node", "checkpoint", "pareto", "pareto_density", "gate_health",
+           "gate_health_detail", *SEED_COLUMNS)
 # Objectives of the two fronts: accuracy against compute, and against achieved density.
 PARETO = {"pareto": (("top1", "max"), ("macs_ratio", "min")),
           "pareto_density": (("top1", "max"), ("density", "min"))}
-# Trials whose numbers say nothing about the trade-off: no results, or a failed run.
-_OFF_FRONT = ("pending", "error", "diverged")
 
 
 def table(run_dir) -> pd.DataFrame:
@@ -30,7 +32,10 @@ def table(run_dir) -> pd.DataFrame:
 
     Metrics are the trial's last report; `epochs` is the last epoch reached; lists (site patterns)
     are joined with ",". `pareto` marks trials on the top1-vs-macs_ratio front, `pareto_density` on
-    the top1-vs-density front, both among trials with results that did not error or diverge.
+    the top1-vs-density front, both among the search's trials that trained their full budget (status
+    completed; stopped, diverged, errored and running trials never). `gate_health` is the trial's last
+    report's (ok, static, collapsed or dense). Seed replicas (search.confirm) name their origin under
+    `confirms`; the origin's row holds the mean over its seeds (SEED_COLUMNS).
     """
     return table_of(open_run(run_dir))
 
@@ -53,11 +58,15 @@ def table_of(run: Run) -> pd.DataFrame:
             out[name] = col("node").fillna(col("hostname")).fillna("")
         elif name in PARETO:
             out[name] = False  # filled in below, once the metrics are in place
-        else:
-            out[name] = col(name)
+        elif name == "confirms":
+            out[name] = col(f"config/{layout.CONFIRMS}")
+        elif name not in SEED_COLUMNS:
+            out[name] = col(name).fillna("")
     for name in ("gated_layers", "trainable_layers"):
         out[name] = out[name].map(_text)
-    on_front = out["top1"].notna() & ~out["status"].isin(_OFF_FRONT)
+    confirm = (run.config.get("search") or {}).get("confirm") or {}
+    out = add_seed_stats(out, confirm.get("front"))
+    on_front = out["top1"].notna() & (out["status"] == "completed") & (out["confirms"] == "")
     for name, objectives in PARETO.items():
         out[name] = pareto_mask(out[on_front], objectives).reindex(out.index, fill_value=False).astype(bool)
     if "latency_ratio" in trials:
@@ -95,16 +104,25 @@ def pareto_mask(df: pd.DataFrame, objectives=(("top1", "max"), ("macs_ratio", "m
 
 
 def summary_markdown(df: pd.DataFrame) -> str:
-    """The lab notebook's table (network | density | top1 | top5 | checkpoint | node), densest first:
-    density as a percentage, accuracies in percent with 2 decimals. Only trials with results that did
-    not error or diverge: their checkpoints are the ones worth picking (the full table lists all)."""
-    usable = df["top1"].notna()
-    if "status" in df:
-        usable &= ~df["status"].isin(("error", "diverged"))
-    rows = df[usable].sort_values("density", ascending=False, na_position="last", kind="stable")
-    cells = [[cell(r["model"]), _percent(r["density"]), _number(r["top1"]), _number(r["top5"]),
-              cell(r["checkpoint"]), cell(r["node"])] for _, r in rows.iterrows()]
-    return markdown_table(["network", "density", "top1", "top5", "checkpoint", "node"], cells, "lrrrll")
+    """The lab notebook's table (network | status | density | macs_ratio | top1 | top5 | checkpoint | node):
+    finished trials first, then stopped and running ones, densest first within each; density and macs_ratio
+    as percentages, accuracies in percent with 2 decimals. Trials that errored or diverged are left out:
+    their checkpoints are not worth picking (the full table lists all). A stopped trial's status says at
+    which epoch."""
+    usable = df["top1"].notna() & ~df["status"].isin(("error", "diverged"))
+    order = {s: i for i, s in enumerate(("completed", "stopped", "running", "pending"))}
+    rows = df[usable].assign(_rank=df["status"].map(order)).sort_values(
+        ["_rank", "density", "top1"], ascending=[True, False, False], na_position="last", kind="stable")
+    cells = [[cell(r["model"]), _status(r), _percent(r["density"]), _percent(r["macs_ratio"]), _number(r["top1"]),
+              _number(r["top5"]), cell(r["checkpoint"]), cell(r["node"])] for _, r in rows.iterrows()]
+    return markdown_table(["network", "status", "density", "macs_ratio", "top1", "top5", "checkpoint", "node"],
+                          cells, "llrrrrll")
+
+
+def _status(row) -> str:
+    if row["status"] == "stopped" and not is_missing(row.get("epochs")):
+        return f"stopped at epoch {float(row['epochs']):g}"
+    return cell(row["status"])
 
 
 def markdown_table(header: list[str], rows: list[list[str]], align: str) -> str:

@@ -146,3 +146,37 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert ckpt.read(target)["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["epoch_001.pt"]      # no temp file left
+
+
+@pytest.mark.slow
+def test_driver_killed_during_confirmation_runs_no_seed_twice(tmp_path):
+    """search.confirm: the driver is SIGKILLed while the seed replicas train; `gatetune resume` finishes them
+    and no (config, seed) trains twice."""
+    run_dir = tmp_path / "confirm"
+    cmd = [*GATETUNE, "search", QUICK, "train.epochs=3", "search.num_samples=2", "search.scheduler.name=fifo",
+           "search.max_concurrent=2", "search.confirm={seeds: 3, front: top 1}", "--storage", str(tmp_path),
+           "--name", "confirm"]
+    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+
+    def replica_checkpointed() -> bool:
+        for params in run_dir.glob("trial_*/params.json"):
+            if "confirms" in params.read_text() and any(params.parent.glob("checkpoint_000001")):
+                return True
+        return False
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not replica_checkpointed():
+        time.sleep(0.2)
+    assert replica_checkpointed(), "no seed replica started within 300 s"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    r = subprocess.run([*GATETUNE, "resume", str(run_dir)], env=ENV, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    df = pd.read_csv(run_dir / "report.csv", keep_default_na=False, na_values=[""])
+    replicas = df[df["confirms"].notna()]
+    assert len(df) == 4 and df["trial_id"].is_unique, df[["trial_id", "status", "confirms", "seed"]]
+    assert sorted(replicas["seed"]) == [1, 2] and replicas["confirms"].nunique() == 1
+    assert (df["status"] == "completed").all() and (df["epochs"] == 3).all()
+    origin = df.set_index("trial_id").loc[replicas["confirms"].iloc[0]]
+    assert origin["n_seeds"] == 3

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from gatetune.results import ReportError, collect, pareto_mask, summary_markdown, table, write_report
-from gatetune.results._table import COLUMNS
+from gatetune.results import COLUMNS
 
 EPOCHS = 4
 SMALL, LARGE = 1e-6, 1e-4  # gating.weight grid
@@ -139,7 +139,10 @@ def test_experiment_state_is_what_the_reader_expects(run_dir):
 def test_columns_in_design_order_then_searched_parameters(run_dir):
     df = table(run_dir)
     assert list(df.columns) == [*COLUMNS, "latency_ratio", "gating.density", "gating.weight"]
-    assert COLUMNS[:3] == ("trial_id", "status", "stopped_by") and COLUMNS[21:] == ("pareto", "pareto_density")
+    assert COLUMNS[:3] == ("trial_id", "status", "stopped_by") and COLUMNS[21:25] == (
+        "pareto", "pareto_density", "gate_health", "gate_health_detail")
+    assert COLUMNS[25:] == ("confirms", "n_seeds", "top1_mean", "top1_std", "density_mean", "macs_ratio_mean",
+                            "pareto_seeds")
 
 
 def test_one_row_per_trial_with_status_and_stopped_by(run_dir):
@@ -332,16 +335,17 @@ def test_summary_markdown_is_the_notebook_table():
     df = pd.DataFrame({"model": ["squeeze", "squeeze", "mobile", "mobile", "mobile"],
                        "status": ["completed", "stopped", "completed", "pending", "error"],
                        "density": [0.9571, 0.9807, 0.983, np.nan, 0.99], "top1": [55.72, 56.51, 68.754, np.nan, 99.0],
+                       "macs_ratio": [0.93, 0.97, 0.96, np.nan, 0.99], "epochs": [12, 3, 12, np.nan, 1],
                        "top5": [78.88, 79.39, 88.34, np.nan, 99.0],
                        "checkpoint": ["t1/checkpoint_000012", "t0/checkpoint_000003", "", "", "t4/checkpoint_000000"],
                        "node": ["sigyn", "sigyn", "heimdall", "heimdall", "sigyn"]})
-    # no results (pending) and failed runs (error) are left out; densest first
+    # no results (pending) and failed runs (error) are left out; finished first, densest first within a status
     assert summary_markdown(df) == (
-        "| network | density |  top1 |  top5 | checkpoint           | node     |\n"
-        "| ------- | ------: | ----: | ----: | -------------------- | -------- |\n"
-        "| mobile  |  98.30% | 68.75 | 88.34 |                      | heimdall |\n"
-        "| squeeze |  98.07% | 56.51 | 79.39 | t0/checkpoint_000003 | sigyn    |\n"
-        "| squeeze |  95.71% | 55.72 | 78.88 | t1/checkpoint_000012 | sigyn    |\n")
+        "| network | status             | density | macs_ratio |  top1 |  top5 | checkpoint           | node     |\n"
+        "| ------- | ------------------ | ------: | ---------: | ----: | ----: | -------------------- | -------- |\n"
+        "| mobile  | completed          |  98.30% |     96.00% | 68.75 | 88.34 |                      | heimdall |\n"
+        "| squeeze | completed          |  95.71% |     93.00% | 55.72 | 78.88 | t1/checkpoint_000012 | sigyn    |\n"
+        "| squeeze | stopped at epoch 3 |  98.07% |     97.00% | 56.51 | 79.39 | t0/checkpoint_000003 | sigyn    |\n")
 
 
 def test_import_needs_neither_ray_nor_torch():
@@ -364,3 +368,29 @@ def test_a_searched_phase_length_sets_the_trials_epochs(run_copy):
     (folder / "params.json").write_text(json.dumps({**params, "train.phases.0.epochs": 1}))   # 1 + 3 = 4
     row = _trial(table(run_copy), 1.0, SMALL)
     assert (row["status"], row["stopped_by"], row["epochs"]) == ("completed", "", 4.0)
+
+
+def test_stopped_trials_are_never_on_a_front(run_copy, tmp_path):
+    """A trial ASHA stopped after one epoch with a (fake) brilliant top-1 at a tiny MACs ratio stays in the
+    table as stopped, off both fronts; the plot draws it hollow."""
+    folder = _trial_dir(run_copy, table(run_copy), 0.5, SMALL)
+    lines = (folder / "result.json").read_text().splitlines()
+    last = json.loads(lines[-1])
+    lines[-1] = json.dumps({**last, "top1": 99.9, "macs_ratio": 0.01, "density": 0.1})
+    (folder / "result.json").write_text("\n".join(lines) + "\n")
+    df = write_report(run_copy)
+    row = _trial(df, 0.5, SMALL)
+    assert (row["status"], row["top1"], row["pareto"], row["pareto_density"]) == ("stopped", 99.9, False, False)
+    assert {key for key, r in _by_key(df).items() if r.pareto} == {(1.0, SMALL), (0.25, LARGE)}
+    assert "| stopped at epoch 1 |" in summary_markdown(df)
+    assert (run_copy / "pareto.png").stat().st_size > 10_000
+
+
+def test_front_trials_follow_the_confirm_rule():
+    from gatetune.results import front_trials
+    df = pd.DataFrame({"trial_id": list("abcdef"), "status": ["completed"] * 4 + ["stopped", "completed"],
+                       "top1": [90, 95, 80, 85, 99, 97], "macs_ratio": [0.2, 0.5, 0.1, 0.3, 0.01, 0.6],
+                       "density": [0.5, 0.8, 0.25, 0.5, 0.1, 0.9], "confirms": ["", "", "", "", "", "b"]})
+    assert front_trials(df, "pareto") == ["b", "a", "c"]           # d is dominated; e stopped; f is a replica
+    assert front_trials(df, "pareto_density") == ["b", "a", "c"]
+    assert front_trials(df, "top 2") == ["b", "a"]

@@ -13,7 +13,7 @@ from gatetune.tuning.search import run_search
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "search_spaces", "quickstart.yaml")
 TINY = ["train.epochs=3", "train.keep_checkpoints=1", "search.num_samples=4", "search.scheduler.grace_period=1",
-        "space.gating.gate={choice: [all, [conv5, conv6]]}"]
+        "space.gating.gate={choice: [all, [conv5, conv6]]}", "search.confirm={seeds: 2, front: top 1}"]
 
 
 def test_tiny_search_and_report(ray_local, tmp_path, capsys):
@@ -23,10 +23,33 @@ def test_tiny_search_and_report(ray_local, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"run folder: {run_dir}" in out and "| network " in out
     assert "epoch:  1.00/3 | gate.loss:" in out          # one compact line per trial result
-    df = pd.read_csv(os.path.join(run_dir, "report.csv"))
+    df = pd.read_csv(os.path.join(run_dir, "report.csv"), keep_default_na=False, na_values=[""])
+    replicas = df[df["confirms"].notna()]
+    df = df[df["confirms"].isna()]
     assert len(df) == 4 and df["trial_id"].is_unique
     assert set(df["status"]) <= {"completed", "stopped"}
     assert set(df.loc[df.status == "stopped", "stopped_by"]) <= {"asha"}
+    # the front is made of trials that trained their full budget
+    assert not (df["pareto"] | df["pareto_density"])[df["status"] != "completed"].any()
+    assert set(df.loc[df.status == "completed", "gate_health"]) <= {"ok", "static", "collapsed", "dense"}
+    # confirmation: the best completed trial again with seed + 1, never stopped; the mean over both seeds
+    best = df[df.status == "completed"].sort_values("top1").iloc[-1]
+    (replica,) = replicas.itertuples()
+    assert replica.confirms == best["trial_id"] and replica.seed == best["seed"] + 1
+    assert replica.status == "completed" and replica.epochs == 3
+    origin = df.set_index("trial_id").loc[best["trial_id"]]
+    assert origin["n_seeds"] == 2 and origin["top1_mean"] == pytest.approx((best["top1"] + replica.top1) / 2)
+    assert "## Front over 2 seeds" in open(os.path.join(run_dir, "report.md")).read()
+    assert "confirmed 1 front config(s) over 2 seeds" in out
+    # Optuna's study: finished trials COMPLETE, ASHA-stopped ones PRUNED with their per-epoch top1; no replica
+    import optuna
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{os.path.join(run_dir, 'optuna.db')}")
+    states = {t.user_attrs["trial_id"]: t for t in study.trials}
+    assert sorted(states) == sorted(df["trial_id"])
+    for row in df.itertuples():
+        t = states[row.trial_id]
+        assert t.state.name == {"completed": "COMPLETE", "stopped": "PRUNED"}[row.status], row
+        assert t.intermediate_values[int(row.epochs)] == pytest.approx(row.top1)
     assert df["top1"].max() > 30          # 3 epochs of a tiny search: well above chance (10%)
     assert {"gating.density", "gating.weight", "gating.gate", "train.optimizer.lr"} <= set(df.columns)
     assert (df["checkpoint"].str.len() > 0).all()
@@ -45,7 +68,7 @@ def test_tiny_search_and_report(ray_local, tmp_path, capsys):
     copy = tmp_path / "copied"
     shutil.copytree(run_dir, copy)
     again = results.table(copy)
-    assert sorted(again["trial_id"]) == sorted(df["trial_id"])
+    assert sorted(again["trial_id"]) == sorted([*df["trial_id"], replica.trial_id])
 
     # a second search into the same folder is refused and points at resume
     with pytest.raises(UserError, match="gatetune resume"):

@@ -77,6 +77,13 @@ def _eval(a) -> None:
     m = eval_checkpoint(a.checkpoint, a.overrides)
     print(f"top1: {m['top1']:.2f}%, top5: {m['top5']:.2f}%, density: {100 * m['density']:.2f}%, "
           f"macs: {m['macs']:.4g} ({100 * m['macs_ratio']:.1f}% of dense) [{m['images']} images]")
+    sites = [k.split("/", 1)[1] for k in m if k.startswith("dynamic/")]
+    detail = f" ({m['gate_health_detail']})" if m.get("gate_health_detail") else ""
+    print(f"gate_health: {m.get('gate_health', 'n/a')}{detail}")
+    if sites:
+        print(f"{'site':<24} {'density':>8} {'dynamic':>8} {'dead':>8} {'always':>8}")
+        for s in sites:
+            print(f"{s:<24} " + " ".join(f"{100 * m[f'{k}/{s}']:7.1f}%" for k in ("density", "dynamic", "dead", "always")))
     if m["latency_ratio"] is None:
         print(f"latency_ratio: n/a ({m['latency_note']})")
     else:

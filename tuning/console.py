@@ -5,6 +5,7 @@ __all__ = ["Console", "summary"]
 
 from ray.tune import Callback
 
+from gatetune.core import layout
 from gatetune.tuning.schedulers import nearest_bucket, rungs
 
 
@@ -16,7 +17,9 @@ class Console(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         tag = " DIVERGED" if result.get("diverged") else ""
-        print(f"{trial.trial_id} epoch: {result.get('epoch', 0):5.2f}/{self.epochs} | gate.loss: "
+        origin = trial.config.get(layout.CONFIRMS)
+        seed = f" (seed {trial.config.get('seed')} of {origin})" if origin else ""
+        print(f"{trial.trial_id}{seed} epoch: {result.get('epoch', 0):5.2f}/{self.epochs} | gate.loss: "
               f"{result.get('gate_loss', 0):.4g} | gate: {100 * result.get('density', 1):6.2f}% | "
               f"top1: {result.get('top1', 0):6.2f}% | top5: {result.get('top5', 0):6.2f}% | "
               f"{result.get('images_per_s', 0):6.0f} img/s{tag}", flush=True)
@@ -28,13 +31,26 @@ class Console(Callback):
 def summary(df, plan, elapsed: float, run_dir: str) -> list[str]:
     """The lines printed when a search returns: finished or interrupted, and how far trials got per
     ASHA rung (per density bucket when stratified). df: the report table; plan: space.SearchPlan."""
+    search = df[df["confirms"] == ""] if "confirms" in df else df
     expected = plan.trials
-    unfinished = int(df["status"].isin(["running", "pending"]).sum()) + max(0, expected - len(df))
+    unfinished = int(df["status"].isin(["running", "pending"]).sum()) + max(0, expected - len(search))
+    confirm = plan.cfg.search.confirm
+    if confirm is not None and not unfinished:   # every confirmed trial has its seeds - 1 replicas
+        from gatetune import results
+        want = {t: confirm.seeds - 1 for t in results.front_trials(search, confirm.front)}
+        have = df["confirms"].value_counts().to_dict()
+        unfinished = sum(max(0, n - have.get(t, 0)) for t, n in want.items())
+        expected += sum(want.values())
     if unfinished:
         return [f"\nsearch interrupted after {elapsed:.0f} s: {unfinished} of {expected} trials unfinished; "
                 f"continue with `gatetune resume {run_dir}`"]
     lines = [f"\nsearch finished in {elapsed:.0f} s: {len(df)} trials, {int((df['status'] == 'error').sum())} "
              f"errors, {int((df['status'] == 'diverged').sum())} diverged"]
+    if confirm is not None:
+        n = int(df["n_seeds"].notna().sum())
+        lines.append(f"confirmed {n} front config(s) over {confirm.seeds} seeds: {int((df['confirms'] != '').sum())} "
+                     f"replica trials; the front over seeds is in report.md")
+    df = search
     s = plan.cfg.search.scheduler
     if s.name == "fifo":
         return lines

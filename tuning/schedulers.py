@@ -7,7 +7,8 @@ ASHA (its own rungs and cutoffs): a trial only competes with trials of the same 
 stops, as `off_target`, a trial whose achieved density stays further than a tolerance from its
 target after the grace period.
 
-Both append each early stop to the run folder's decisions.jsonl (ASHA-stopped trials look TERMINATED
+Seed replicas (search.confirm: a trial whose config names under `confirms` the trial it repeats) are
+never stopped and never count in a rung. Both append each early stop to the run folder's decisions.jsonl (ASHA-stopped trials look TERMINATED
 in Ray), which the report reads for its `stopped_by` column. Only Ray Tune's public scheduler API is
 used: the stratified scheduler holds one ASHAScheduler per bucket and hands each trial to its own.
 
@@ -19,8 +20,15 @@ __all__ = ["RecordingASHA", "DensityStratifiedASHA", "DecisionLog", "build", "ru
 
 import json
 import os
+import warnings
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+from gatetune.core import layout
+
+
+def _replica(trial) -> bool:
+    return bool(trial.config.get(layout.CONFIRMS))
 
 
 def nearest_bucket(buckets, density: float) -> float:
@@ -44,8 +52,11 @@ class DecisionLog:
         self.path = str(path)
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:   # a scheduler that raises aborts the whole search; the report loses one reason
+            warnings.warn(f"{self.path}: early stop of trial {record.get('trial_id')} not recorded ({e})")
 
 
 class RecordingASHA(ASHAScheduler):
@@ -65,11 +76,25 @@ class RecordingASHA(ASHAScheduler):
             self.log.write({"trial_id": trial.trial_id, "stopped_by": why, "epoch": result.get("epoch"),
                             "top1": result.get("top1")})
 
+    def on_trial_add(self, tune_controller, trial):
+        if not _replica(trial):
+            super().on_trial_add(tune_controller, trial)
+
     def on_trial_result(self, tune_controller, trial, result):
+        if _replica(trial):
+            return TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
         if action == TrialScheduler.STOP and result.get(self.time_attr, 0) < self.max_t:
             self.record(trial, result, "asha")
         return action
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        if not _replica(trial):
+            super().on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_remove(self, tune_controller, trial):
+        if not _replica(trial):
+            super().on_trial_remove(tune_controller, trial)
 
 
 class DensityStratifiedASHA(FIFOScheduler):
@@ -114,7 +139,7 @@ class DensityStratifiedASHA(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result):
         t = result.get(self.time_attr, 0)
-        if (self.tolerance is not None and "density" in result and self.grace <= t < self.max_t
+        if (not _replica(trial) and self.tolerance is not None and "density" in result and self.grace <= t < self.max_t
                 and abs(result["density"] - self.target(trial)) > self.tolerance):
             self._of(trial).record(trial, result, "off_target")
             return TrialScheduler.STOP

@@ -1,6 +1,7 @@
 """`gatetune search` / `gatetune resume`: a Ray Tune search over a YAML space.
 
-    Tuner(trainable with resources, OptunaSearch(define-by-run space, TPE, seeded, SQLite study),
+    Tuner(trainable with resources, StudySearch(Optuna: define-by-run space, TPE, seeded, SQLite study;
+                                                then the seed replicas of search.confirm),
           ASHA on top1 with time attribute `epoch` (or FIFO, or ASHA per density bucket),
           RunConfig(storage/name, FailureConfig(max_failures), CheckpointConfig(keep best N + latest)))
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 __all__ = ["run_search", "resume_search", "objectives", "sampler"]
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -79,16 +81,25 @@ def sampler(cfg: C.Config):
     return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=max(4, min(50, cfg.search.num_samples // 4)))
 
 
+def _num_samples(plan: S.SearchPlan) -> int:
+    """Trials Tune may create: the search's, plus at most seeds - 1 replicas of each confirmed trial (the
+    searcher says when it is done)."""
+    confirm = plan.cfg.search.confirm
+    if confirm is None:
+        return plan.trials
+    top = re.fullmatch(r"top (\d+)", confirm.front)
+    return plan.trials + (confirm.seeds - 1) * min(plan.trials, int(top.group(1)) if top else plan.trials)
+
+
 def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_actors: bool):
-    import optuna
     from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
+
+    from gatetune.tuning.searcher import StudySearch
     cfg, srch = plan.cfg, plan.cfg.search
     local = "://" not in run_dir
-    storage = optuna.storages.RDBStorage(f"sqlite:///{os.path.join(run_dir, layout.STUDY)}") if local else None
     metric, mode = objectives(cfg)
-    searcher = OptunaSearch(S.define_by_run(plan.params, plan.base), metric=metric, mode=mode, sampler=sampler(cfg),
-                            storage=storage, study_name=cfg.name, points_to_evaluate=plan.points or None)
+    searcher = StudySearch(plan, metric=metric, mode=mode, sampler=sampler(cfg), study_name=cfg.name,
+                           export=os.path.join(run_dir, layout.STUDY) if local else None)
     multi = isinstance(metric, list)   # TuneConfig takes one metric; the scheduler has top1 itself
     log = schedulers.DecisionLog(os.path.join(run_dir, layout.DECISIONS)) if local else None
     parent, name = run_dir.rstrip("/").rsplit("/", 1)
@@ -96,7 +107,7 @@ def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_act
         _trainable(cfg, plan.base),
         tune_config=tune.TuneConfig(
             metric=None if multi else metric, mode=None if multi else mode, search_alg=searcher,
-            scheduler=schedulers.build(plan, log), num_samples=plan.trials,
+            scheduler=schedulers.build(plan, log), num_samples=_num_samples(plan),
             max_concurrent_trials=_concurrency(cfg), reuse_actors=reuse_actors, time_budget_s=srch.time_budget_s,
             trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(

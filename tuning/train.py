@@ -30,10 +30,12 @@ import torch.nn.functional as F
 from gatetune import models
 from gatetune.tuning import config as C
 from gatetune.tuning.data import Data, load as load_data
+from gatetune.tuning.health import health_metrics
 
-# Every epoch reports these (plus density/<site>); reports and ASHA rely on the names.
+# Every epoch reports these (plus density/<site>, and dynamic/, dead/, always/<site>); reports and ASHA
+# rely on the names.
 METRICS = ("epoch", "top1", "top5", "loss", "gate_loss", "density", "macs", "macs_ratio", "lr",
-           "images_per_s", "node", "diverged")
+           "images_per_s", "node", "diverged", "dynamic", "gate_health", "gate_health_detail")
 _CHECK_EVERY = 16   # batches between divergence checks (each check syncs the GPU once)
 
 
@@ -82,9 +84,11 @@ def phase_of(plan: list[C.Phase], epoch: int) -> C.Phase:
 
 @torch.inference_mode()
 def evaluate(net: models.GatedNet, loader, batch_size: int, amp: bool = False) -> dict:
-    """Top-1/top-5 (percent), loss, achieved density (overall and per site) and measured MACs."""
+    """Top-1/top-5 (percent), loss, achieved density (overall and per site), measured MACs, and gating
+    health (tuning/health.py: dynamic/dead/always channels per site, gate_health)."""
     net.eval()
     net.read_densities(reset=True)
+    net.selection_counts(reset=True)
     correct1 = correct5 = 0
     loss_sum = torch.zeros((), device=next(net.parameters()).device)
     n = 0
@@ -102,6 +106,7 @@ def evaluate(net: models.GatedNet, loader, batch_size: int, amp: bool = False) -
     out = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": float(loss_sum) / n,
            "density": net.density_of(sites), "macs": float(m.macs), "macs_ratio": float(m.ratio)}
     out.update({f"density/{s}": d for s, d in sites.items()})
+    out.update(health_metrics(net))
     return out
 
 

@@ -28,13 +28,13 @@ def resume_state(checkpoint_dir: str) -> dict | None:
 
 
 def trial(config: dict, base: dict) -> None:
-    """config: the sampled dotted keys; base: the resolved search config (a dict)."""
+    """config: the sampled dotted keys (a seed replica's also `confirms`); base: the resolved search config."""
     import ray
     from ray import tune
 
     from gatetune.tuning.distributed import fit_any
 
-    cfg = C.with_params(base, config)
+    cfg = C.with_params(base, {k: v for k, v in config.items() if k != layout.CONFIRMS})
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     resume = None
     if (checkpoint := tune.get_checkpoint()) is not None:

@@ -7,7 +7,7 @@ column are the same word (`gating.density` -> `density`). Each field's docstring
 from __future__ import annotations
 
 __all__ = ["Config", "ModelCfg", "DataCfg", "SiteCfg", "GatingCfg", "OptimizerCfg", "LrScheduleCfg", "PhaseCfg",
-           "TrainCfg", "SchedulerCfg", "ResourcesCfg", "SearchCfg", "config_keys", "key_pattern", "fields_at",
+           "TrainCfg", "SchedulerCfg", "ResourcesCfg", "SearchCfg", "ConfirmCfg", "config_keys", "key_pattern", "fields_at",
            "source_of"]
 
 import re
@@ -142,6 +142,15 @@ class ResourcesCfg(_Strict):
     """GPUs per trial; fractions share one GPU (no memory isolation)."""
 
 
+class ConfirmCfg(_Strict):
+    """Confirmation over seeds: after the search, each front config trains again with more seeds."""
+    seeds: int = Field(3, ge=2)
+    """Seeds per confirmed config in all: the search's own trial plus seeds - 1 replicas (seed + 1, ...)."""
+    front: str = Field("pareto", pattern=r"^(pareto|pareto_density|top [1-9][0-9]*)$")
+    """Which finished trials to confirm: pareto (top1 vs macs_ratio), pareto_density (top1 vs density), or
+    `top K` (the K best by top1)."""
+
+
 class SearchCfg(_Strict):
     num_samples: int = Field(16, ge=1)
     """Trials to run (grid values multiply this, as in Ray Tune)."""
@@ -160,6 +169,9 @@ class SearchCfg(_Strict):
     max_failures: int = Field(3, ge=0)
     """Retries of a trial whose worker or node died; it resumes from its last epoch checkpoint."""
     time_budget_s: float | None = Field(None, gt=0)
+    confirm: ConfirmCfg | None = None
+    """e.g. {seeds: 3, front: pareto}: after the search, the front's configs train again with more seeds, as Ray
+    trials of the same run (never stopped early); the report gives their mean and std over seeds."""
     start_from: list[str] | None = None
     """Known-good configs (gatetune or the notebook's Mayo gating files) whose values of the searched keys
     Optuna evaluates first (points to evaluate); paths relative to the file that names them."""

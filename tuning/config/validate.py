@@ -101,6 +101,8 @@ def _error_line(err: dict) -> tuple[str, str]:
     if any(str(part) in ("str", "list[str]") for part in err["loc"]):   # str | list[str]: site patterns
         return key, (f"must be a site pattern or a list of them (strings), got {shown}; "
                      "write e.g. all, none, conv1, \"fire[6-9]\" or [conv1, conv2]")
+    if kind == "string_pattern_mismatch" and key.endswith("confirm.front"):
+        return key, f"must be pareto, pareto_density or `top K` (e.g. top 3), got {shown}; change the value"
     if kind == "missing":
         return key, f"{loc[-1]} is required here; add it"
     if kind == "extra_forbidden":

@@ -1,0 +1,56 @@
+"""Confirmation over seeds (search.confirm): which finished trials a search confirms, and per confirmed
+config the mean and spread over its seeds, with the front recomputed on the means.
+
+A seed replica is a trial whose config names, under `confirms`, the trial it repeats with another seed;
+its origin and its replicas together are that config's seeds."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+
+SEED_COLUMNS = ("confirms", "n_seeds", "top1_mean", "top1_std", "density_mean", "macs_ratio_mean", "pareto_seeds")
+# Objectives of the confirmation fronts, per `search.confirm.front`.
+_FRONT = {"pareto": (("top1", "max"), ("macs_ratio", "min")), "pareto_density": (("top1", "max"), ("density", "min"))}
+
+
+def front_trials(df: pd.DataFrame, rule: str) -> list[str]:
+    """Trial ids `search.confirm.front` selects among the finished trials of the search (replicas and
+    trials that were stopped, diverged or errored never count), best top1 first. df needs trial_id,
+    status, top1, macs_ratio, density, and confirms when replicas exist."""
+    from ._table import pareto_mask
+    done = df[(df["status"] == "completed") & df["top1"].notna()]
+    if "confirms" in done:
+        done = done[done["confirms"].fillna("").astype(str) == ""]
+    top = re.fullmatch(r"top (\d+)", rule)
+    chosen = done if top else done[pareto_mask(done, _FRONT[rule])]
+    chosen = chosen.sort_values(["top1", "trial_id"], ascending=[False, True], kind="stable")
+    return list(chosen["trial_id"][: int(top.group(1))] if top else chosen["trial_id"])
+
+
+def add_seed_stats(out: pd.DataFrame, rule: str | None) -> pd.DataFrame:
+    """Fill SEED_COLUMNS: on each confirmed config's origin row its seeds' n_seeds, top1_mean, top1_std
+    (sample std), density_mean, macs_ratio_mean, and pareto_seeds (on the front of the means); replica rows
+    carry `confirms` only."""
+    from ._table import pareto_mask
+    confirms = out["confirms"].fillna("").astype(str) if "confirms" in out else pd.Series("", index=out.index)
+    out["confirms"] = confirms
+    for name in SEED_COLUMNS[1:]:
+        out[name] = False if name == "pareto_seeds" else np.nan
+    done = out[out["status"] == "completed"]
+    groups = done.groupby(done["confirms"].where(done["confirms"] != "", done["trial_id"]))
+    for origin, seeds in groups:
+        if (out["confirms"] == origin).any() and (out["trial_id"] == origin).any():
+            row = out.index[out["trial_id"] == origin][0]
+            out.loc[row, ["n_seeds", "top1_mean", "top1_std", "density_mean", "macs_ratio_mean"]] = [
+                len(seeds), seeds["top1"].mean(), seeds["top1"].std(ddof=1) if len(seeds) > 1 else np.nan,
+                seeds["density"].mean(), seeds["macs_ratio"].mean()]
+    confirmed = out[out["n_seeds"].notna()]
+    if len(confirmed):
+        objectives = tuple((f"{c}_mean", m) for c, m in _FRONT.get(rule or "pareto", _FRONT["pareto"]))
+        mask = pareto_mask(confirmed, objectives)
+        out.loc[mask[mask].index, "pareto_seeds"] = True
+    out["pareto_seeds"] = out["pareto_seeds"].astype(bool)
+    return out

@@ -1,0 +1,56 @@
+"""Gating health (tuning/health.py) from the eval-mode selection counts of a GatedNet."""
+import pytest
+import torch
+
+from gatetune import models
+from gatetune.tuning.health import health_metrics, site_health
+
+
+def _net(density: float, gate="all"):
+    torch.manual_seed(0)
+    sites = {s: models.SiteSpec(gate=gate == "all" or s in gate, density=density) for s in models.site_names("digitnet")}
+    return models.build("digitnet", num_classes=10, in_channels=1, input_size=16, sites=sites).eval()
+
+
+def _evaluate(net, n=128):
+    with torch.no_grad():
+        net(torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
+    return health_metrics(net)
+
+
+def test_constant_saliency_is_static():
+    net = _net(0.5)
+    for g in net.gates.values():          # zero predictor weights: every input gets the same saliency
+        torch.nn.init.zeros_(g.predictor.weight)
+    m = _evaluate(net)
+    assert m["gate_health"] == "static" and m["dynamic"] == 0
+    assert all(m[f"dead/{s}"] == 0.5 and m[f"always/{s}"] == 0.5 for s in net.gates)
+    assert m["gate_health_detail"].startswith("100% of gated channels static")
+
+
+def test_input_dependent_gates_are_dynamic_and_counted_in_eval_only():
+    net = _net(0.5, gate=["conv4", "conv5", "conv6"])
+    net.train()
+    with torch.no_grad():
+        net(torch.rand(32, 1, 16, 16))
+    assert all(n == 0 for _, n in net.selection_counts(reset=False).values())   # training forwards do not count
+    net.eval()
+    m = _evaluate(net)
+    assert m["gate_health"] == "ok" and m["dynamic"] > 0.3, m
+    assert net.selection_counts(reset=True)["conv5"][1] == 0   # health_metrics read and reset them
+    with torch.no_grad():
+        net(torch.rand(40, 1, 16, 16))
+    for name, (counts, samples) in net.selection_counts().items():
+        assert samples == 40 and counts.sum() == pytest.approx(net.gates[name].k * 40)
+
+
+def test_one_frozen_site_in_a_dynamic_net_is_collapsed():
+    net = _net(0.5, gate=["conv4", "conv5", "conv6"])
+    torch.nn.init.zeros_(net.gates["conv6"].predictor.weight)
+    m = _evaluate(net)
+    assert m["gate_health"] == "collapsed" and m["gate_health_detail"].startswith("conv6: no dynamic channel")
+
+
+def test_density_one_is_dense():
+    m = _evaluate(_net(1.0))
+    assert m["gate_health"] == "dense" and m["dynamic"] == 0 and not site_health(_net(1.0))

@@ -1,0 +1,163 @@
+"""Optuna behind Ray Tune's Searcher interface: the trials of the space, then the seed replicas.
+
+Optuna proposes each search trial (ask: the space's define-by-run function, start_from points first)
+and learns from how it ended (tell):
+    completed (trained its full budget)          COMPLETE, with its last top1 (or all objectives)
+    stopped by the scheduler (ASHA, off_target)  PRUNED, with its per-epoch top1 as intermediate values,
+    or diverged                                  as Optuna treats trials its own pruners stop
+    errored                                      FAIL
+Ray's OptunaSearch tells every stopped trial COMPLETE with its truncated top1, so TPE learned that
+early-stopped configs end at 10% and optuna-dashboard could not tell stopped from finished.
+
+The study lives in memory and is saved with Ray's experiment snapshots (Tune pickles this searcher with
+the trial list it matches), so a resumed search goes on from a consistent pair. At each snapshot the
+finished trials are exported to <run>/optuna.db, a read-only copy for optuna-dashboard (each Optuna
+trial carries its Ray trial id as the user attribute `trial_id`); a resumed search rebuilds it from the
+restored study. (An SQLite study written live goes ahead of the snapshot it is resumed with: after a
+driver crash it would hold trials the restored searcher never heard of.)
+
+With search.confirm, once every search trial has ended, the finished trials the confirm rule selects
+(results.front_trials: pareto, pareto_density or top K) train again with seeds + 1, ..., as further
+Ray trials whose config names the trial they repeat under `confirms` (schedulers never stop those).
+The searcher's state, the study and the replicas it has handed out, is saved with Ray's experiment
+snapshots, so a resumed search hands out no seed twice.
+"""
+from __future__ import annotations
+
+__all__ = ["StudySearch"]
+
+import math
+import os
+import pickle
+import warnings
+
+import optuna
+from ray.tune.search import Searcher
+
+from gatetune.core import layout
+from gatetune.core.dotted import get_dotted, trial_config
+from gatetune.tuning import space as S
+
+_STATE = optuna.trial.TrialState
+
+
+class StudySearch(Searcher):
+    """plan: the search's space.SearchPlan; metric/mode: strings, or lists for several objectives;
+    export: the SQLite file the finished trials are copied to at every snapshot (None: none)."""
+
+    def __init__(self, plan: S.SearchPlan, *, metric, mode, sampler: optuna.samplers.BaseSampler,
+                 export: str | None, study_name: str):
+        super().__init__(metric=metric, mode=mode)
+        self.multi = isinstance(metric, list)
+        directions = [{"max": "maximize", "min": "minimize"}[m] for m in (mode if self.multi else [mode])]
+        self.study = optuna.create_study(sampler=sampler, study_name=study_name, directions=directions)
+        self.export, self.exported = export, set()
+        for point in plan.points:
+            self.study.enqueue_trial(point)
+        self.space, self.base, self.n_search = S.define_by_run(plan.params, plan.base), plan.base, plan.trials
+        confirm = plan.cfg.search.confirm
+        self.confirm = (confirm.seeds, confirm.front) if confirm else None
+        self.trials: dict[str, optuna.trial.Trial] = {}   # Ray trial id -> Optuna trial (running)
+        self.params: dict[str, dict] = {}                 # Ray trial id -> its sampled keys
+        self.ended: dict[str, dict] = {}                  # Ray trial id -> {status, top1, macs_ratio, density}
+        self.replicas: list[dict] | None = None           # the seed replicas' configs, once decided
+        self.handed_out = 0
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return metric in (None, self.metric) and mode in (None, self.mode)
+
+    def suggest(self, trial_id: str):
+        if len(self.params) < self.n_search:
+            trial = self.study.ask()
+            trial.set_user_attr("trial_id", trial_id)
+            self.trials[trial_id], self.params[trial_id] = trial, self.space(trial)
+            return dict(self.params[trial_id])
+        if len(self.ended) < self.n_search:
+            return None   # the front is known once every search trial has ended
+        if self.replicas is None:
+            self.replicas = self._replicas()
+        if self.handed_out < len(self.replicas):
+            self.handed_out += 1
+            return dict(self.replicas[self.handed_out - 1])
+        return Searcher.FINISHED
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._report(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        trial = self.trials.pop(trial_id, None)
+        if trial is None:   # a seed replica (not an Optuna trial), or told already
+            return
+        result = result or {}
+        status = "error" if error else self._ending(trial_id, result)
+        self.ended[trial_id] = {"trial_id": trial_id, "status": status,
+                                **{k: result.get(k) for k in ("top1", "macs_ratio", "density")}}
+        if status != "error":
+            self._report(trial_id, result, trial)   # the result that ended it never reached on_trial_result
+        if status == "completed":
+            values = [result.get(m) for m in self.metric] if self.multi else result.get(self.metric)
+            if all(isinstance(v, (int, float)) and math.isfinite(v) for v in (values if self.multi else [values])):
+                self.study.tell(trial, values)
+                return
+            status = "error"
+        self.study.tell(trial, state=_STATE.FAIL if status == "error" else _STATE.PRUNED)
+
+    def _report(self, trial_id: str, result: dict, trial=None) -> None:
+        trial = trial or self.trials.get(trial_id)
+        value, epoch = result.get(self.metric) if not self.multi else None, result.get("epoch")
+        if trial is not None and isinstance(value, (int, float)) and math.isfinite(value) and epoch is not None:
+            trial.report(float(value), step=int(math.ceil(epoch)))   # Optuna keeps one value per epoch
+
+    def _ending(self, trial_id: str, result: dict) -> str:
+        """completed (trained its full budget), diverged or stopped: as the report says (results._collect)."""
+        if result.get("diverged"):
+            return "diverged"
+        epochs = get_dotted(trial_config(self.base, self.params[trial_id]), "train.epochs")
+        return "completed" if (result.get("epoch") or 0) >= epochs else "stopped"
+
+    def _replicas(self) -> list[dict]:
+        if self.confirm is None:
+            return []
+        import pandas as pd
+
+        from gatetune import results
+        seeds, rule = self.confirm
+        front = results.front_trials(pd.DataFrame(list(self.ended.values())), rule)
+        base_seed = self.base.get("seed", 0)
+        out = []
+        for origin in front:
+            seed = self.params[origin].get("seed", base_seed)
+            out += [{**self.params[origin], "seed": seed + i, layout.CONFIRMS: origin} for i in range(1, seeds)]
+        return out
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({k: v for k, v in self.__dict__.items() if k != "exported"}, f)
+        self._export()
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+        self.exported = set()   # the next export rebuilds the file from the restored study
+
+    def _export(self) -> None:
+        """Copy the finished trials not exported yet to the SQLite file (all of them, into a new file, the
+        first time in this process). Best effort: a report must not fail for want of the copy."""
+        if not self.export:
+            return
+        done = [t for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()]
+        new = [t for t in done if t.number not in self.exported]
+        if not new:
+            return
+        try:
+            target = self.export if self.exported else f"{self.export}.tmp"
+            if not self.exported and os.path.exists(target):
+                os.remove(target)
+            copy = optuna.create_study(storage=f"sqlite:///{target}", study_name=self.study.study_name,
+                                       directions=self.study.directions, load_if_exists=True)
+            copy.add_trials(new)
+            if not self.exported:
+                os.replace(target, self.export)
+            self.exported |= {t.number for t in new}
+        except Exception as e:   # noqa: BLE001
+            warnings.warn(f"{self.export}: Optuna study not exported ({type(e).__name__}: {e})")
