@@ -54,3 +54,22 @@ def test_ddp_remove_autograd_hooks():
     assert callable(getattr(DDP, "_remove_autograd_hooks", None)), (
         "torch's DistributedDataParallel._remove_autograd_hooks is gone: tuning/ddp.py (_Replica) needs another "
         "way to drop the old wrapper's hooks")
+
+
+def test_function_trainable_mixins_and_repr():
+    """tuning/trainable.py names each trial's actor through Ray's `__mixins__` hook of wrap_function and the
+    `_name` that ImplicitFunc.__repr__ returns (the dashboard's Repr column)."""
+    from ray.tune.trainable.function_trainable import wrap_function
+
+    class Mixin:
+        pass
+
+    def fn(config):
+        pass
+
+    fn.__mixins__ = (Mixin,)
+    cls = wrap_function(fn)
+    assert issubclass(cls, Mixin), "Ray's wrap_function no longer honours __mixins__: update tuning/trainable.py"
+    obj = cls.__new__(cls)
+    obj._name = "trial x"
+    assert repr(obj) == "trial x", "ImplicitFunc.__repr__ no longer returns _name: update tuning/trainable.py"

@@ -23,6 +23,9 @@ def test_tiny_search_and_report(ray_local, tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"run folder: {run_dir}" in out and "| network " in out
     assert "epoch:  1.00/3 | gate.loss:" in out          # one compact line per trial result
+    # a quiet console: no Ray Tune box, no TensorBoard hint at Ray's staging folder; TensorBoard on the run folder
+    assert "Configuration for experiment" not in out and "driver_artifacts" not in out
+    assert f"tensorboard --logdir {run_dir}" in out
     df = pd.read_csv(os.path.join(run_dir, "report.csv"), keep_default_na=False, na_values=[""])
     replicas = df[df["confirms"].notna()]
     df = df[df["confirms"].isna()]

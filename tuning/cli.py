@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="parent folder or URI of the run folder (default: runs/)")
     s.add_argument("--dashboard-host", default="127.0.0.1", help="interface for the local Ray dashboard")
     s.add_argument("--verbose", action="store_true", help="also print Ray Tune's own status tables")
+    s.add_argument("--job-metadata", action="store_true",
+                   help="print the Ray job metadata of this search as JSON (for `ray job submit --metadata-json`) "
+                        "and exit; the data and weights need not be on this machine")
 
     r = sub.add_parser("resume", help="continue an interrupted search")
     r.add_argument("run_dir")
@@ -106,7 +109,12 @@ def _layers(a) -> None:
 
 def _search(a) -> None:
     from gatetune.tuning import config as C
-    from gatetune.tuning.search import run_search
+    from gatetune.tuning.search import job_metadata, run_search
+    if a.job_metadata:
+        import json
+        cfg = C.load(a.config, a.overrides, environment=False)
+        print(json.dumps(job_metadata(cfg, name=a.name, storage=a.storage, file=a.config)))
+        return
     cfg = C.load(a.config, a.overrides)
     run_dir, ok = run_search(cfg, address=a.address, name=a.name, storage=a.storage,
                              dashboard_host=a.dashboard_host, verbose=a.verbose)

@@ -7,7 +7,7 @@ when a node dies).
 """
 from __future__ import annotations
 
-__all__ = ["connect", "check_resources", "check_shared_storage", "banner"]
+__all__ = ["connect", "check_resources", "check_shared_storage", "banner", "job_metadata", "quiet"]
 
 import os
 import socket
@@ -18,10 +18,37 @@ from gatetune.core import layout
 from gatetune.core.errors import UserError
 
 
-def connect(address: str | None, dashboard_host: str = "127.0.0.1") -> str | None:
-    """Start Ray here (address None) or join the cluster at `address`; returns the dashboard URL ("off"
-    without one; None when the caller had started Ray already)."""
+def job_metadata(run_name: str, run_dir: str, config_file: str | None, trials: int, confirm=None) -> dict[str, str]:
+    """What the Ray job of a search carries (the dashboard's Jobs page, `ray job list`); job_name is the
+    Jobs page's Name column. `gatetune search ... --job-metadata` prints it for `ray job submit`."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        ours = version("gatetune")
+    except PackageNotFoundError:
+        ours = "unknown"
+    return {"job_name": f"gatetune search {run_name}", "gatetune_version": ours, "run_name": run_name,
+            "run_folder": run_dir, "config_file": os.path.abspath(config_file) if config_file else "",
+            "trials": str(trials),
+            **({"confirm": f"{confirm.seeds} seeds of the {confirm.front} front"} if confirm is not None else {})}
+
+
+def quiet(verbose: bool = False) -> None:
+    """No Ray Tune box, "View detailed results" line or TensorBoard hint (which names Ray's driver staging
+    folder, not the run folder), no Optuna study-created line; Ray's warnings stay."""
+    import logging
+
+    import optuna
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")   # the legacy reporter: silent at verbose 0
+    if not verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        logging.getLogger("ray.tune").setLevel(logging.WARNING)
+
+
+def connect(address: str | None, dashboard_host: str = "127.0.0.1", metadata: dict | None = None) -> str | None:
+    """Start Ray here (address None) or join the cluster at `address`, with `metadata` on the Ray job;
+    returns the dashboard URL ("off" without one; None when the caller had started Ray already)."""
     import ray
+    from ray.job_config import JobConfig
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Snapshot the experiment (trial list + searcher state) every 2 s, not Ray's 10 s or more: a driver that
@@ -31,12 +58,13 @@ def connect(address: str | None, dashboard_host: str = "127.0.0.1") -> str | Non
         return None
     if address and address != "auto":
         _check_reachable(address)
+    job = JobConfig(metadata=metadata or {})   # a `ray job submit` job shows the submission's metadata instead
     try:
         if address:
-            context = ray.init(address=address, log_to_driver=False)
+            context = ray.init(address=address, log_to_driver=False, job_config=job)
         else:
             context = ray.init(address="local", dashboard_host=dashboard_host, log_to_driver=False,
-                               include_dashboard=None)
+                               include_dashboard=None, job_config=job)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
         msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise UserError(f"cannot reach a Ray cluster at {address!r} ({msg}); start one with "
@@ -98,10 +126,10 @@ def check_shared_storage(run_dir: str) -> None:
 
 
 def banner(run_dir: str, dashboard: str | None) -> None:
-    """`ray: N node(s), C CPU, G GPU; dashboard: URL` and the run folder."""
+    """`ray: N node(s), C CPU, G GPU; dashboard: URL`, the run folder, and TensorBoard on it."""
     import ray
     res = ray.cluster_resources()
     where = dashboard or "see the Ray instance this process joined"
     print(f"ray: {len(_alive())} node(s), {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU; dashboard: {where}"
           + (" (token: `ray get-auth-token`)" if os.environ.get("RAY_AUTH_MODE") == "token" else ""))
-    print(f"run folder: {run_dir}", flush=True)
+    print(f"run folder: {run_dir}  (tensorboard --logdir {run_dir})", flush=True)

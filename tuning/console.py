@@ -1,12 +1,20 @@
 """What a search prints: one line per trial result (the notebook's style) and the summary at the end."""
 from __future__ import annotations
 
-__all__ = ["Console", "summary"]
+__all__ = ["Console", "summary", "progress_line"]
 
 from ray.tune import Callback
 
 from gatetune.core import layout
 from gatetune.tuning.schedulers import nearest_bucket, rungs
+
+
+def progress_line(trial_id: str, result: dict, epochs: int) -> str:
+    """`<trial> epoch:  2.00/8 | gate.loss: .. | gate: 50.00% | top1: ..% | top5: ..% | .. img/s`."""
+    tag = " DIVERGED" if result.get("diverged") else ""
+    return (f"{trial_id} epoch: {result.get('epoch', 0):5.2f}/{epochs} | gate.loss: {result.get('gate_loss', 0):.4g} | "
+            f"gate: {100 * result.get('density', 1):6.2f}% | top1: {result.get('top1', 0):6.2f}% | "
+            f"top5: {result.get('top5', 0):6.2f}% | {result.get('images_per_s', 0):6.0f} img/s{tag}")
 
 
 class Console(Callback):
@@ -16,13 +24,9 @@ class Console(Callback):
         self.epochs = epochs
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        tag = " DIVERGED" if result.get("diverged") else ""
         origin = trial.config.get(layout.CONFIRMS)
         seed = f" (seed {trial.config.get('seed')} of {origin})" if origin else ""
-        print(f"{trial.trial_id}{seed} epoch: {result.get('epoch', 0):5.2f}/{self.epochs} | gate.loss: "
-              f"{result.get('gate_loss', 0):.4g} | gate: {100 * result.get('density', 1):6.2f}% | "
-              f"top1: {result.get('top1', 0):6.2f}% | top5: {result.get('top5', 0):6.2f}% | "
-              f"{result.get('images_per_s', 0):6.0f} img/s{tag}", flush=True)
+        print(progress_line(f"{trial.trial_id}{seed}", result, self.epochs), flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"{trial.trial_id} ERROR (see error.txt in its trial folder)", flush=True)

@@ -14,7 +14,7 @@ written, with latency.json for the Pareto trials.
 """
 from __future__ import annotations
 
-__all__ = ["run_search", "resume_search", "objectives", "sampler"]
+__all__ = ["run_search", "resume_search", "job_metadata", "objectives", "sampler"]
 
 import os
 import re
@@ -31,6 +31,7 @@ from gatetune.tuning import config as C
 from gatetune.tuning import schedulers
 from gatetune.tuning import space as S
 from gatetune.tuning.console import Console, summary
+from gatetune.tuning.live import TrialCounts
 
 
 def _run_dir(storage: str | None, name: str) -> str:
@@ -116,7 +117,7 @@ def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_act
             checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                     checkpoint_score_attribute="top1",
                                                     checkpoint_score_order="max"),
-            callbacks=[Console(plan.max_epochs), *callbacks]),
+            callbacks=[Console(plan.max_epochs), TrialCounts(cfg.name, plan.base), *callbacks]),
     )
 
 
@@ -139,6 +140,22 @@ def _finish(run_dir: str, results, plan: S.SearchPlan, started: float) -> bool:
     return True
 
 
+def _file(cfg: C.Config) -> str | None:
+    """The config file a loaded config came from (its top-level source), if any."""
+    src = cfg.source("", default="")
+    return src if src and not src.startswith("command line") else None
+
+
+def job_metadata(cfg: C.Config, *, name: str | None = None, storage: str | None = None,
+                 file: str | None = None) -> dict[str, str]:
+    """The Ray job metadata run_search gives its job, for `ray job submit --metadata-json`."""
+    if name:
+        cfg = cfg.model_copy(update={"name": name})
+    plan = S.prepare(cfg, file)
+    return cluster.job_metadata(cfg.name, _run_dir(storage, cfg.name), file or _file(cfg), plan.trials,
+                                cfg.search.confirm)
+
+
 def run_search(cfg: C.Config, *, address: str | None = None, name: str | None = None, storage: str | None = None,
                dashboard_host: str = "127.0.0.1", verbose: bool = False, file: str | None = None,
                callbacks=(), reuse_actors: bool = True) -> tuple[str, bool]:
@@ -157,7 +174,9 @@ def run_search(cfg: C.Config, *, address: str | None = None, name: str | None = 
     if "://" not in run_dir and (Path(run_dir) / layout.CONFIG).exists():
         raise UserError(f"already holds a search; continue it with `gatetune resume {run_dir}` "
                         "or pass --name NEW", file=run_dir)
-    dashboard = cluster.connect(address, dashboard_host)
+    cluster.quiet(verbose)
+    dashboard = cluster.connect(address, dashboard_host, cluster.job_metadata(
+        cfg.name, run_dir, file or _file(cfg), plan.trials, cfg.search.confirm))
     cluster.check_resources(cfg.search.resources.cpu, cfg.search.resources.gpu)
     if "://" not in run_dir:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -182,7 +201,9 @@ def resume_search(run_dir: str, *, address: str | None = None, dashboard_host: s
     cfg = C.load_dict(base, default_file=str(base_file))
     C.check_environment(cfg, file=str(base_file))
     plan = S.prepare(cfg, str(base_file), start=False)
-    dashboard = cluster.connect(address, dashboard_host)
+    cluster.quiet(verbose)
+    dashboard = cluster.connect(address, dashboard_host, cluster.job_metadata(
+        cfg.name, run_dir, str(base_file), plan.trials, cfg.search.confirm))
     cluster.banner(run_dir, dashboard)
     started = time.time()
     tuner = tune.Tuner.restore(run_dir, trainable=_trainable(cfg, base), resume_unfinished=True,

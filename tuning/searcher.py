@@ -58,6 +58,7 @@ class StudySearch(Searcher):
         confirm = plan.cfg.search.confirm
         self.confirm = (confirm.seeds, confirm.front) if confirm else None
         self.trials: dict[str, optuna.trial.Trial] = {}   # Ray trial id -> Optuna trial (running)
+        self.reported: dict[str, int] = {}                # Ray trial id -> last epoch told to Optuna
         self.params: dict[str, dict] = {}                 # Ray trial id -> its sampled keys
         self.ended: dict[str, dict] = {}                  # Ray trial id -> {status, top1, macs_ratio, density}
         self.replicas: list[dict] | None = None           # the seed replicas' configs, once decided
@@ -105,8 +106,11 @@ class StudySearch(Searcher):
     def _report(self, trial_id: str, result: dict, trial=None) -> None:
         trial = trial or self.trials.get(trial_id)
         value, epoch = result.get(self.metric) if not self.multi else None, result.get("epoch")
-        if trial is not None and isinstance(value, (int, float)) and math.isfinite(value) and epoch is not None:
-            trial.report(float(value), step=int(math.ceil(epoch)))   # Optuna keeps one value per epoch
+        step = int(math.ceil(epoch)) if epoch is not None else None   # Optuna keeps one value per step
+        if (trial is not None and isinstance(value, (int, float)) and math.isfinite(value) and step is not None
+                and step > self.reported.get(trial_id, -1)):
+            trial.report(float(value), step=step)
+            self.reported[trial_id] = step
 
     def _ending(self, trial_id: str, result: dict) -> str:
         """completed (trained its full budget), diverged or stopped: as the report says (results._collect)."""

@@ -1,0 +1,92 @@
+"""Live metrics of a search through Ray's metrics API (ray.util.metrics), for Prometheus and Grafana.
+
+Each trial sets gauges (exported as `ray_gatetune_<name>`, tagged `run` and `trial_id`) at every epoch
+on the node it runs on; the driver sets `ray_gatetune_trials` (tagged `run` and `status`) on the head.
+Ray exports a gauge every metrics_report_interval_ms (10 s by default) and drops it two intervals after
+its last set, so a thread sets the last values again every few seconds while the trial runs.
+`tuning/cluster/grafana_gatetune.json` is a Grafana dashboard of these series.
+"""
+from __future__ import annotations
+
+__all__ = ["TRIAL_GAUGES", "TrialGauges", "TrialCounts"]
+
+import threading
+import time
+
+from ray.tune import Callback
+
+from gatetune.core import layout
+from gatetune.core.dotted import get_dotted, trial_config
+
+# metric reported every epoch -> gauge (exported as ray_gatetune_<name>)
+TRIAL_GAUGES = {"top1": "top-1 accuracy (%) of the trial's last epoch", "top5": "top-5 accuracy (%)",
+                "density": "achieved density (fraction of channels kept)", "macs_ratio": "effective / dense MACs",
+                "gate_loss": "gate loss (mean over the epoch)", "epoch": "epochs trained",
+                "images_per_s": "training throughput (images per second)"}
+_REFRESH_S = 5.0
+_gauges: dict = {}
+
+
+def _gauge(name: str, description: str, tags: tuple):
+    if name not in _gauges:   # one per process: Ray refuses two metrics of one name
+        from ray.util.metrics import Gauge
+        _gauges[name] = Gauge(f"gatetune_{name}", description=description, tag_keys=tags)
+    return _gauges[name]
+
+
+class TrialGauges:
+    """The gauges of one trial: set(metrics) at each epoch; kept alive by a thread until stop()."""
+
+    def __init__(self, run: str, trial_id: str):
+        self.tags = {"run": run, "trial_id": trial_id}
+        self.last: dict[str, float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._refresh, daemon=True, name=f"gatetune-gauges-{trial_id}")
+        self._thread.start()
+
+    def set(self, metrics: dict) -> None:
+        self.last = {k: float(metrics[k]) for k in TRIAL_GAUGES
+                     if isinstance(metrics.get(k), (int, float)) and metrics[k] == metrics[k]}
+        self._push()
+
+    def _push(self) -> None:
+        for name, value in self.last.items():
+            _gauge(name, TRIAL_GAUGES[name], ("run", "trial_id")).set(value, tags=self.tags)
+
+    def _refresh(self) -> None:
+        while not self._done.wait(_REFRESH_S):
+            self._push()
+
+    def stop(self) -> None:
+        self._done.set()
+
+
+class TrialCounts(Callback):
+    """Driver side: `gatetune_trials{run, status}`, the trials per gatetune status (pending, running,
+    completed, stopped, diverged, error), set every couple of seconds while the search runs."""
+
+    def __init__(self, run: str, base: dict):
+        self.run, self.base, self._last = run, base, 0.0
+
+    def on_step_begin(self, iteration, trials, **info):
+        if time.monotonic() - self._last < 2.0:
+            return
+        self._last = time.monotonic()
+        counts = dict.fromkeys(("pending", "running", "completed", "stopped", "diverged", "error"), 0)
+        for t in trials:
+            counts[self._status(t)] += 1
+        gauge = _gauge("trials", "trials of the search by status", ("run", "status"))
+        for status, n in counts.items():
+            gauge.set(n, tags={"run": self.run, "status": status})
+
+    def _status(self, t) -> str:
+        status = str(t.status).lower()
+        if status in ("pending", "paused"):
+            return "pending"
+        if status != "terminated":
+            return "running" if status == "running" else "error"
+        if (t.last_result or {}).get("diverged"):
+            return "diverged"
+        params = {k: v for k, v in t.config.items() if k != layout.CONFIRMS}
+        epochs = get_dotted(trial_config(self.base, params), "train.epochs") or 0
+        return "completed" if (t.last_result or {}).get("epoch", 0) >= epochs else "stopped"
