@@ -8,7 +8,7 @@ tuning.data.DataError, results.ReportError); a checkpoint that cannot be read is
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "CheckpointError", "nearest"]
+__all__ = ["UserError", "CheckpointError", "nearest", "one_line"]
 
 import difflib
 from collections.abc import Iterable
@@ -21,7 +21,7 @@ class UserError(ValueError):
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
         self.message, self.file, self.key = message, file, key
         where = ": ".join(p for p in (file, key) if p)
-        super().__init__(f"{where}: {message}" if where else message)
+        super().__init__(one_line(f"{where}: {message}" if where else message))
 
     def at(self, *, file: str | None = None, key: str | None = None) -> UserError:
         """The same mistake with its location filled in where it was not known yet (same class)."""
@@ -31,6 +31,15 @@ class UserError(ValueError):
 
     def __reduce__(self):   # picklable across processes (data-parallel ranks, Ray workers)
         return _rebuild, (type(self), self.message, self.file, self.key)
+
+
+# Characters str.splitlines() breaks a line at (a key or value from a hostile file may hold them).
+_BREAKS = {c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def one_line(text: str) -> str:
+    """text with every line-breaking character written as its escape (\\n, \\x85, ...)."""
+    return text.translate(str.maketrans(_BREAKS)) if any(c in text for c in _BREAKS) else text
 
 
 def _rebuild(cls, message, file, key):

@@ -21,6 +21,7 @@ resolved relative to RUN_DIR.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -32,8 +33,9 @@ import yaml
 from gatetune.core import layout
 from gatetune.core.dotted import flatten, trial_config
 from gatetune.core.errors import UserError
+from gatetune.core.storage import RunStore, is_remote
 
-CONFIG_FILE, DECISIONS_FILE, LATENCY_FILE = layout.CONFIG, layout.DECISIONS, layout.LATENCY
+CONFIG_FILE, DECISIONS_FILE, LATENCY_FILE, RESULT_FILE = layout.CONFIG, layout.DECISIONS, layout.LATENCY, layout.RESULT
 STATE_GLOB = layout.EXPERIMENT_STATE_GLOB
 # Every value of the `status` column, in the order reports list them.
 STATUSES = ("completed", "stopped", "running", "pending", "diverged", "error")
@@ -49,14 +51,15 @@ class ReportError(UserError):
 
 @dataclass
 class Run:
-    path: Path
+    path: Path    # a local folder: the run folder, or a local mirror of a remote one
     config: dict  # gatetune.yaml, nested as written
     ray: dict[str, dict]  # trial_id -> {"status", "dir", "config"} from the newest experiment_state
     decisions: dict[str, str]  # trial_id -> stopped_by, from decisions.jsonl
+    where: str = ""  # the run folder as the user named it (a path or s3://...); "" = path
 
     @property
     def name(self) -> str:
-        return str(self.config.get("name") or self.path.name)
+        return str(self.config.get("name") or Path(self.where or self.path).name)
 
 
 def collect(run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -71,6 +74,14 @@ def collect(run_dir) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def open_run(run_dir) -> Run:
+    """The run folder `run_dir`; a remote one (s3://...) is mirrored into a local folder first (its files but
+    the checkpoints' contents: core.storage.RunStore.mirror)."""
+    if is_remote(run_dir):
+        store = RunStore(run_dir)
+        if not store.exists(CONFIG_FILE):
+            raise ReportError(f"{run_dir}: not a gatetune search folder (no {CONFIG_FILE}); give the run folder "
+                              "`gatetune search` printed")
+        return dataclasses.replace(open_run(store.mirror()), where=str(run_dir))
     path = Path(run_dir)
     if not path.is_dir():
         raise ReportError(f"{path}: no such folder; pass the run folder of a search (storage_path/name, "
@@ -145,7 +156,7 @@ def _json_lines(file: Path) -> list[dict]:
 
 def _trial_dirs(path: Path) -> list[Path]:
     return [d for d in sorted(path.iterdir())
-            if d.is_dir() and ((d / "params.json").is_file() or (d / "result.json").is_file())]
+            if d.is_dir() and ((d / layout.PARAMS).is_file() or (d / RESULT_FILE).is_file())]
 
 
 def collect_run(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
@@ -153,6 +164,8 @@ def collect_run(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     by_dir = {info["dir"]: tid for tid, info in run.ray.items() if info["dir"]}
     found = {}  # trial_id -> trial folder
     for d in _trial_dirs(run.path):
+        if run.ray and d.name not in by_dir and not _json_lines(d / RESULT_FILE):
+            continue   # a trial a crashed driver created after its last snapshot: the resumed search never ran it
         found.setdefault(by_dir.get(d.name) or _id_from_files(d), d)
     searched = list(run.config.get("space") or {})
     rows, frames = [], []
@@ -168,7 +181,7 @@ def collect_run(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
 
 
 def _id_from_files(folder: Path) -> str:
-    for record in _json_lines(folder / "result.json")[:1]:
+    for record in _json_lines(folder / RESULT_FILE)[:1]:
         if record.get("trial_id"):
             return str(record["trial_id"])
     match = _TRIAL_ID.search(folder.name)
@@ -185,7 +198,7 @@ def _params(folder: Path | None, ray_trial: dict | None) -> dict:
     """The trial's sampled parameters: params.json, else the config in experiment_state."""
     if folder is not None:
         try:
-            params = json.loads((folder / "params.json").read_text())
+            params = json.loads((folder / layout.PARAMS).read_text())
             if isinstance(params, dict):
                 return params
         except (OSError, ValueError):
@@ -202,7 +215,7 @@ def _effective(base: dict, params: dict) -> dict:
 
 
 def _history(folder: Path | None, trial_id: str) -> pd.DataFrame:
-    records = _json_lines(folder / "result.json") if folder is not None else []
+    records = _json_lines(folder / RESULT_FILE) if folder is not None else []
     for record in records:
         record.pop("config", None)  # the trial's config, repeated on every line
         record["trial_id"] = trial_id

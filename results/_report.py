@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from gatetune.core import layout
+from gatetune.core.storage import RunStore
 
 from ._collect import STATUSES, open_run
 from ._table import PARETO, cell, is_missing, markdown_table, summary_markdown, table_of
@@ -23,10 +24,10 @@ _PERCENTS = ("top1", "top5", "top1_mean", "top1_std")
 
 def write_report(run_dir, csv=None, markdown=None, plot=None) -> pd.DataFrame:
     """Write the trials table as CSV, a markdown report (summary table, full table, run folder size)
-    and the Pareto plot; defaults RUN_DIR/report.csv, RUN_DIR/report.md, RUN_DIR/pareto.png.
-    Returns the table."""
+    and the Pareto plot; defaults RUN_DIR/report.csv, RUN_DIR/report.md, RUN_DIR/pareto.png (into a
+    remote run folder too, s3://...). Returns the table."""
     run = open_run(run_dir)
-    size = folder_size(run.path)  # before our own files are (re)written
+    size = folder_size(run.path)  # before our own files are (re)written; a remote mirror holds no checkpoints
     df = table_of(run)
     csv = Path(csv or run.path / layout.REPORT_CSV)
     markdown = Path(markdown or run.path / layout.REPORT_MD)
@@ -34,7 +35,13 @@ def write_report(run_dir, csv=None, markdown=None, plot=None) -> pd.DataFrame:
     df.to_csv(csv, index=False)
     plot_pareto(df, plot, title=f"{run.name}: top-1 accuracy against cost, {len(df)} trials")
     image = Path(os.path.relpath(plot, markdown.parent)).as_posix()
-    markdown.write_text(_report_text(run.name, run.path, df, size, image))
+    markdown.write_text(_report_text(run.name, Path(run.where or run.path), df, size, image,
+                                     "" if not run.where else " (without checkpoints)"))
+    if run.where:   # a remote run folder: the three files go back into it
+        store = RunStore(run.where)
+        for local in (csv, markdown, plot):
+            if local.parent == run.path:
+                store.upload(local, local.name)
     return df
 
 
@@ -52,13 +59,13 @@ def human_bytes(n: int) -> str:
         n /= 1024
 
 
-def _report_text(name: str, path: Path, df: pd.DataFrame, size: int, image: str) -> str:
+def _report_text(name: str, path: Path, df: pd.DataFrame, size: int, image: str, what: str = "") -> str:
     counts = df["status"].value_counts()
     statuses = ", ".join(f"{counts[s]} {s}" for s in STATUSES if s in counts)
     return "\n".join([
         f"# {name}: gatetune search report", "",
         f"Run folder `{path.name}`: {len(df)} trials ({statuses or 'none'}); "
-        f"run folder size {human_bytes(size)} ({size:,} bytes).", "",
+        f"run folder size{what} {human_bytes(size)} ({size:,} bytes).", "",
         "Metrics are each trial's last report; `density` is the achieved fraction of channels kept, "
         "`target_density` the configured one. `pareto`: not dominated in top1 (max) and macs_ratio (min); "
         "`pareto_density`: in top1 and density; both among the trials that trained their full budget "
@@ -79,15 +86,20 @@ def _seeds_section(df: pd.DataFrame) -> list[str]:
     if confirmed.empty:
         return []
     n = int(confirmed["n_seeds"].max())
+    def health(origin) -> str:   # over the config's seeds: "ok", or "ok 2, collapsed 1"
+        seeds = df[(df["trial_id"] == origin) | (df["confirms"] == origin)]["gate_health"].astype(str)
+        counts = seeds[seeds != ""].value_counts()
+        return cell(counts.index[0]) if len(counts) == 1 else ", ".join(f"{h} {n}" for h, n in counts.items())
+
     rows = [[cell(r["trial_id"]), f"{100 * r['density_mean']:.2f}%", f"{100 * r['macs_ratio_mean']:.2f}%",
              f"{r['top1_mean']:.2f} ± {0 if is_missing(r['top1_std']) else r['top1_std']:.2f}", f"{int(r['n_seeds'])}",
-             cell(r["gate_health"]), "yes" if r["pareto_seeds"] else ""] for _, r in confirmed.iterrows()]
+             health(r["trial_id"]), "yes" if r["pareto_seeds"] else ""] for _, r in confirmed.iterrows()]
     table = markdown_table(["config (trial)", "density", "macs_ratio", "top1 mean ± std", "seeds", "gate_health",
                             "front"], rows, "lrrrrll")
     return [f"## Front over {n} seeds", "",
             "Each confirmed config trained again with other seeds (its replicas name it under `confirms`); mean "
-            "and sample standard deviation over its seeds. `front`: not dominated in mean top1 and mean macs_ratio "
-            "(or density, with `search.confirm.front: pareto_density`).", "", table]
+            "and sample standard deviation over its seeds; gate_health over its seeds. `front`: not dominated in mean "
+            "top1 and mean macs_ratio (or density, with `search.confirm.front: pareto_density`).", "", table]
 
 
 def _health_section(df: pd.DataFrame) -> list[str]:

@@ -122,6 +122,8 @@ def summary_markdown(df: pd.DataFrame) -> str:
 def _status(row) -> str:
     if row["status"] == "stopped" and not is_missing(row.get("epochs")):
         return f"stopped at epoch {float(row['epochs']):g}"
+    if cell(row.get("confirms")):   # a seed replica
+        return f"{row['status']} (seed {cell(row.get('seed'))} of {row['confirms']})"
     return cell(row["status"])
 
 

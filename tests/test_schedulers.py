@@ -74,7 +74,7 @@ def test_buckets_nearest_and_rungs():
 def test_off_target_trials_are_stopped_and_recorded(tmp_path):
     log = tmp_path / "decisions.jsonl"
     strat = DensityStratifiedASHA(DENSITIES, time_attr="epoch", metric="top1", mode="max", max_t=MAX_T,
-                                  grace_period=1, reduction_factor=2, tolerance=0.05, log=DecisionLog(log))
+                                  grace_period=1, reduction_factor=2, tolerance=0.05, log=DecisionLog(tmp_path))
     reached, stops = _run(strat, n_trials=4, achieved=lambda d: min(1.0, d + 0.2))   # density misses its target
     assert set(stops) == {"t00", "t01", "t02"}                     # 1.0 -> 1.0 is on target
     assert '"stopped_by": "off_target"' in log.read_text()
@@ -88,7 +88,7 @@ def test_scheduler_from_config(tmp_path, name):
     cfg = C.Config(search={"scheduler": {"name": name}},
                    space={"gating.density": {"uniform": [0.2, 1.0]}})
     plan = S.prepare(cfg, "x.yaml")
-    sched = build(plan, DecisionLog(tmp_path / "decisions.jsonl"))
+    sched = build(plan, DecisionLog(tmp_path))
     assert type(sched).__name__ == {"asha": "RecordingASHA", "asha_by_density": "DensityStratifiedASHA",
                                     "fifo": "FIFOScheduler"}[name]
     assert plan.density_buckets == pytest.approx([0.3, 0.5, 0.7, 0.9])

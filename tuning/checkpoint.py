@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = ["save_atomic", "read", "read_newest", "RunFolder"]
 
 import csv
+import io
 import os
 import tempfile
 import warnings
@@ -23,11 +24,16 @@ from gatetune.core.errors import CheckpointError
 
 
 def save_atomic(state: dict, path: str | os.PathLike) -> None:
+    """Write `state` to `path` through a temporary file renamed over it. A full disk or a folder that cannot be
+    written raises OSError (ENOSPC, EACCES, EROFS) and leaves the previous file as it was. (The state is
+    serialised in memory first: torch.save straight into a full disk raises a RuntimeError with no errno.)"""
     path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

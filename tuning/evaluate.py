@@ -18,6 +18,7 @@ import torch
 from gatetune.core import layout
 from gatetune.core.dotted import set_dotted
 from gatetune.core.errors import CheckpointError, UserError
+from gatetune.core.storage import RunStore
 from gatetune.tuning import checkpoint as ckpt
 from gatetune.tuning import config as C
 from gatetune.tuning.data import load, load_cached
@@ -77,21 +78,27 @@ def measure_latency(net, data, images: int = 8, rounds: int = 3) -> dict:
 
 
 def pareto_latency(run_dir: str | Path, images: int = 8, rounds: int = 2) -> int:
-    """For each trial on a Pareto front of a search folder, measure latency_ratio on its latest checkpoint
-    (the one the report's row names) and write it to <trial>/latency.json, which the report reads.
-    Returns the number of trials measured. A trial that cannot be measured is skipped with one line."""
+    """For each trial on a Pareto front of a search folder (local or remote), measure latency_ratio on its
+    latest checkpoint (the one the report's row names) and write it to <trial>/latency.json, which the
+    report reads. Returns the number of trials measured. A trial that cannot be measured is skipped with
+    one line."""
+    import tempfile
+
     from gatetune import results as R
-    run_dir = Path(run_dir)
+    store = RunStore(run_dir)
     try:
         df = R.table(run_dir)
     except R.ReportError:
         return 0
-    front = df[(df["pareto"] | df["pareto_density"]) & (df["checkpoint"] != "")]
+    front = df[(df["pareto"] | df["pareto_density"] | df["pareto_seeds"]) & (df["checkpoint"] != "")]
     done = 0
     for _, row in front.iterrows():
         trial, checkpoint = row["checkpoint"].split("/", 1)
         try:
-            _, net, data = open_checkpoint(run_dir / row["checkpoint"], (), device="cpu", cached=True)
+            with tempfile.TemporaryDirectory(prefix="gatetune-latency-") as tmp:
+                path = store.local_path(row["checkpoint"]) if not store.remote else \
+                    store.download(row["checkpoint"], Path(tmp) / checkpoint)
+                _, net, data = open_checkpoint(path, (), device="cpu", cached=True)
             m = measure_latency(net, data, images, rounds)
         except Exception as e:   # noqa: BLE001  (a report must not fail for want of a latency)
             print(f"latency_ratio of trial {row['trial_id']} not measured: {type(e).__name__}: "
@@ -100,6 +107,6 @@ def pareto_latency(run_dir: str | Path, images: int = 8, rounds: int = 2) -> int
         if m["latency_ratio"] is None:
             continue
         record = {**m, "checkpoint": checkpoint, "images": images, "threads": 1}
-        (run_dir / trial / layout.LATENCY).write_text(json.dumps(record) + "\n")
+        store.write_text(f"{trial}/{layout.LATENCY}", json.dumps(record) + "\n")
         done += 1
     return done

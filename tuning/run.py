@@ -16,6 +16,7 @@ import yaml
 from gatetune.core import layout
 from gatetune.core.dotted import config_diff
 from gatetune.core.errors import UserError
+from gatetune.core.storage import RunStore
 from gatetune.tuning import checkpoint as ckpt
 from gatetune.tuning import config as C
 
@@ -41,6 +42,7 @@ def train_run(cfg: C.Config, out: str | Path, progress: bool = True) -> tuple[Pa
     the model is built leaves nothing behind."""
     from gatetune.tuning.distributed import fit_any
     out = Path(out)
+    RunStore(out).check_writable()   # a read-only or unwritable folder fails here, before any training
     resume = _check_resumable(cfg, out)
     folder = ckpt.RunFolder(out, cfg.train.keep_checkpoints)
     if resume is not None and resume["epoch"] >= cfg.train.epochs:
@@ -54,11 +56,17 @@ def train_run(cfg: C.Config, out: str | Path, progress: bool = True) -> tuple[Pa
             out.mkdir(parents=True, exist_ok=True)
             (out / layout.TRAIN_CONFIG).write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
             started = True
-        if state is not None:
-            rows = state["history"]
-            folder.save(state, rows)
-        else:   # diverged: keep the last good checkpoint, record the failing step
-            folder.write_metrics([*rows, metrics])
+        try:
+            if state is not None:
+                rows = state["history"]
+                folder.save(state, rows)
+            else:   # diverged: keep the last good checkpoint, record the failing step
+                folder.write_metrics([*rows, metrics])
+        except OSError as e:   # a full disk, a folder made read-only: stop with one line, nothing lost
+            kept = f"epoch {rows[-2]['epoch']:g}" if state is not None and len(rows) > 1 else "none yet"
+            raise UserError(f"cannot write the epoch-{metrics['epoch']:g} checkpoint ({e.strerror or e}); the last "
+                            f"checkpoint ({kept}) is intact: free space or fix the folder, then run the same command "
+                            "again to resume", file=str(folder.ckpt_dir)) from None
 
     if resume is not None:
         print(f"resuming {out} after epoch {resume['epoch']}")

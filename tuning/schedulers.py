@@ -20,11 +20,13 @@ __all__ = ["RecordingASHA", "DensityStratifiedASHA", "DecisionLog", "build", "ru
 
 import json
 import os
+import tempfile
 import warnings
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from gatetune.core import layout
+from gatetune.core.storage import RunStore
 
 
 def _replica(trial) -> bool:
@@ -46,17 +48,34 @@ def rungs(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
 
 
 class DecisionLog:
-    """One JSON line per early stop (trial_id, stopped_by, epoch, top1) appended to a local file."""
+    """One JSON line per early stop (trial_id, stopped_by, epoch, top1) in the run folder's decisions.jsonl:
+    appended to a local file; in a remote run folder, appended to a local copy uploaded whole each time."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = str(path)
+    def __init__(self, run: RunStore | str | os.PathLike):
+        self.run = run if isinstance(run, RunStore) else RunStore(run)
+        self._copy = None   # the local copy of a remote log, in this process
+
+    def __getstate__(self):
+        return {**self.__dict__, "_copy": None}
 
     def write(self, record: dict) -> None:
+        line = json.dumps(record) + "\n"
         try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:   # a scheduler that raises aborts the whole search; the report loses one reason
-            warnings.warn(f"{self.path}: early stop of trial {record.get('trial_id')} not recorded ({e})")
+            if not self.run.remote:
+                with open(self.run.local_path(layout.DECISIONS), "a") as f:
+                    f.write(line)
+                return
+            if self._copy is None:
+                fd, self._copy = tempfile.mkstemp(prefix="gatetune-decisions-")
+                os.close(fd)
+                if self.run.exists(layout.DECISIONS):   # a resumed search keeps the earlier lines
+                    self.run.download(layout.DECISIONS, self._copy)
+            with open(self._copy, "a") as f:
+                f.write(line)
+            self.run.upload(self._copy, layout.DECISIONS)
+        except Exception as e:   # noqa: BLE001  (a scheduler that raises aborts the whole search)
+            warnings.warn(f"{self.run.uri(layout.DECISIONS)}: early stop of trial {record.get('trial_id')} not "
+                          f"recorded ({type(e).__name__}: {e})")
 
 
 class RecordingASHA(ASHAScheduler):

@@ -8,8 +8,9 @@
     run_dir, ok = run_search(load("search_spaces/quickstart.yaml"), storage="/abs/runs", name="q1",
                              callbacks=[MyTuneCallback()], reuse_actors=True)
 
-Everything the user can get wrong is checked before a trial starts (space.prepare, cluster.py). The
-run folder's files are named in core.layout; at the end the report (report.csv/md, pareto.png) is
+Everything the user can get wrong is checked before a trial starts (space.prepare, cluster.py, a run
+folder that cannot be written). The run folder (a path, or a URI such as s3://bucket/runs/name:
+core.storage) holds the files core.layout names; at the end the report (report.csv/md, pareto.png) is
 written, with latency.json for the Pareto trials.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ import yaml
 
 from gatetune.core import layout
 from gatetune.core.errors import UserError
+from gatetune.core.storage import RunStore
 from gatetune.tuning import cluster
 from gatetune.tuning import config as C
 from gatetune.tuning import schedulers
@@ -45,11 +47,22 @@ def _trial_dirname(trial) -> str:   # a module-level function: Ray pickles the T
     return layout.trial_dirname(trial.trial_id)
 
 
-def _trainable(cfg: C.Config, base: dict):
+def _trainable(cfg: C.Config, base: dict, run_dir: str):
     from ray import tune
     from gatetune.tuning.trainable import trial
     r = cfg.search.resources
-    return tune.with_resources(tune.with_parameters(trial, base=base), {"cpu": r.cpu, "gpu": r.gpu})
+    return tune.with_resources(tune.with_parameters(trial, base=base, run_dir=run_dir), {"cpu": r.cpu, "gpu": r.gpu})
+
+
+def _fit(tuner, run_dir: str):
+    """tuner.fit(); a run folder that fills up or stops being writable mid-search is one line, not a crash
+    (Ray then fails reading back the error files it could not write)."""
+    try:
+        return tuner.fit()
+    except (OSError, EOFError) as e:
+        raise UserError(f"the run folder could not be written or read back ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); free space or fix the folder, then "
+                        f"`gatetune resume {run_dir}`", file=run_dir) from None
 
 
 def _concurrency(cfg: C.Config) -> int:
@@ -97,15 +110,15 @@ def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_act
 
     from gatetune.tuning.searcher import StudySearch
     cfg, srch = plan.cfg, plan.cfg.search
-    local = "://" not in run_dir
+    store = RunStore(run_dir)
     metric, mode = objectives(cfg)
     searcher = StudySearch(plan, metric=metric, mode=mode, sampler=sampler(cfg), study_name=cfg.name,
-                           export=os.path.join(run_dir, layout.STUDY) if local else None)
+                           export=store)
     multi = isinstance(metric, list)   # TuneConfig takes one metric; the scheduler has top1 itself
-    log = schedulers.DecisionLog(os.path.join(run_dir, layout.DECISIONS)) if local else None
+    log = schedulers.DecisionLog(store)
     parent, name = run_dir.rstrip("/").rsplit("/", 1)
     return tune.Tuner(
-        _trainable(cfg, plan.base),
+        _trainable(cfg, plan.base, run_dir),
         tune_config=tune.TuneConfig(
             metric=None if multi else metric, mode=None if multi else mode, search_alg=searcher,
             scheduler=schedulers.build(plan, log), num_samples=_num_samples(plan),
@@ -122,18 +135,22 @@ def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_act
 
 
 def _finish(run_dir: str, results, plan: S.SearchPlan, started: float) -> bool:
-    """Print the summary and write the report; False when every trial errored."""
-    if "://" in run_dir:
-        print(f"\nsearch ended after {time.time() - started:.0f} s; run `gatetune report` on a local copy of {run_dir}")
-        return results.num_errors < len(results)
+    """Print the summary and write the report (into the run folder, local or remote); False when every
+    trial errored."""
     from gatetune import results as R
     from gatetune.tuning.evaluate import pareto_latency
-    pareto_latency(run_dir)   # <trial>/latency.json for the Pareto trials: the report's latency_ratio
-    df = R.write_report(run_dir)
+    try:
+        pareto_latency(run_dir)   # <trial>/latency.json for the Pareto trials: the report's latency_ratio
+        df = R.write_report(run_dir)
+    except OSError as e:   # a full disk or a folder that stopped being writable
+        print(f"\nsearch ended after {time.time() - started:.0f} s; the report could not be written into {run_dir} "
+              f"({e.strerror or e}): free space or fix the folder, then `gatetune report {run_dir}` or "
+              f"`gatetune resume {run_dir}`")
+        return False
     for line in summary(df, plan, time.time() - started, run_dir):
         print(line)
     print(R.summary_markdown(df))
-    print(f"\nreport: {os.path.join(run_dir, layout.REPORT_CSV)}, {layout.REPORT_MD}, {layout.PARETO_PNG}")
+    print(f"\nreport: {RunStore(run_dir).uri(layout.REPORT_CSV)}, {layout.REPORT_MD}, {layout.PARETO_PNG}")
     if len(df) and (df["status"] == "error").all():
         print(f"every trial failed: see error.txt in the trial folders of {run_dir}")
         return False
@@ -171,20 +188,22 @@ def run_search(cfg: C.Config, *, address: str | None = None, name: str | None = 
     for line in notices:
         print(line, file=sys.stderr)
     run_dir = _run_dir(storage, cfg.name)
-    if "://" not in run_dir and (Path(run_dir) / layout.CONFIG).exists():
+    store = RunStore(run_dir)
+    if store.exists(layout.CONFIG):
         raise UserError(f"already holds a search; continue it with `gatetune resume {run_dir}` "
                         "or pass --name NEW", file=run_dir)
+    store.check_writable()   # a read-only folder or a bucket we cannot write to: before Ray starts
     cluster.quiet(verbose)
     dashboard = cluster.connect(address, dashboard_host, cluster.job_metadata(
         cfg.name, run_dir, file or _file(cfg), plan.trials, cfg.search.confirm))
     cluster.check_resources(cfg.search.resources.cpu, cfg.search.resources.gpu)
-    if "://" not in run_dir:
+    if not store.remote:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         cluster.check_shared_storage(run_dir)
-        (Path(run_dir) / layout.CONFIG).write_text(yaml.safe_dump(plan.base, sort_keys=False))
+    store.write_text(layout.CONFIG, yaml.safe_dump(plan.base, sort_keys=False))
     cluster.banner(run_dir, dashboard)
     started = time.time()
-    results = _tuner(plan, run_dir, verbose, callbacks, reuse_actors).fit()
+    results = _fit(_tuner(plan, run_dir, verbose, callbacks, reuse_actors), run_dir)
     return run_dir, _finish(run_dir, results, plan, started)
 
 
@@ -192,12 +211,12 @@ def resume_search(run_dir: str, *, address: str | None = None, dashboard_host: s
                   verbose: bool = False) -> tuple[str, bool]:
     """Continue an interrupted search: finished trials kept, unfinished ones resume from checkpoints."""
     from ray import tune
-    run_dir = os.path.abspath(run_dir) if "://" not in run_dir else run_dir
-    base_file = Path(run_dir) / layout.CONFIG
-    if not base_file.is_file() or not (Path(run_dir) / layout.TUNER).is_file():
+    store = RunStore(run_dir)
+    run_dir, base_file = store.where, store.uri(layout.CONFIG)
+    if not store.exists(layout.CONFIG) or not store.exists(layout.TUNER):
         raise UserError(f"not a gatetune search folder (needs {layout.CONFIG} and {layout.TUNER}); give the "
                         "folder `gatetune search` printed as 'run folder'", file=run_dir)
-    base = yaml.safe_load(base_file.read_text())
+    base = yaml.safe_load(store.read_text(layout.CONFIG))
     cfg = C.load_dict(base, default_file=str(base_file))
     C.check_environment(cfg, file=str(base_file))
     plan = S.prepare(cfg, str(base_file), start=False)
@@ -206,6 +225,6 @@ def resume_search(run_dir: str, *, address: str | None = None, dashboard_host: s
         cfg.name, run_dir, str(base_file), plan.trials, cfg.search.confirm))
     cluster.banner(run_dir, dashboard)
     started = time.time()
-    tuner = tune.Tuner.restore(run_dir, trainable=_trainable(cfg, base), resume_unfinished=True,
+    tuner = tune.Tuner.restore(run_dir, trainable=_trainable(cfg, base, run_dir), resume_unfinished=True,
                                resume_errored=True)
-    return run_dir, _finish(run_dir, tuner.fit(), plan, started)
+    return run_dir, _finish(run_dir, _fit(tuner, run_dir), plan, started)

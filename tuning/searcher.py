@@ -29,6 +29,7 @@ __all__ = ["StudySearch"]
 import math
 import os
 import pickle
+import tempfile
 import warnings
 
 import optuna
@@ -36,6 +37,7 @@ from ray.tune.search import Searcher
 
 from gatetune.core import layout
 from gatetune.core.dotted import get_dotted, trial_config
+from gatetune.core.storage import RunStore
 from gatetune.tuning import space as S
 
 _STATE = optuna.trial.TrialState
@@ -43,15 +45,16 @@ _STATE = optuna.trial.TrialState
 
 class StudySearch(Searcher):
     """plan: the search's space.SearchPlan; metric/mode: strings, or lists for several objectives;
-    export: the SQLite file the finished trials are copied to at every snapshot (None: none)."""
+    export: the run folder (core.storage.RunStore) whose optuna.db gets the finished trials at every
+    snapshot (None: none)."""
 
     def __init__(self, plan: S.SearchPlan, *, metric, mode, sampler: optuna.samplers.BaseSampler,
-                 export: str | None, study_name: str):
+                 export: RunStore | None, study_name: str):
         super().__init__(metric=metric, mode=mode)
         self.multi = isinstance(metric, list)
         directions = [{"max": "maximize", "min": "minimize"}[m] for m in (mode if self.multi else [mode])]
         self.study = optuna.create_study(sampler=sampler, study_name=study_name, directions=directions)
-        self.export, self.exported = export, set()
+        self.export, self.exported, self._copy = export, set(), None
         for point in plan.points:
             self.study.enqueue_trial(point)
         self.space, self.base, self.n_search = S.define_by_run(plan.params, plan.base), plan.base, plan.trials
@@ -136,13 +139,13 @@ class StudySearch(Searcher):
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
-            pickle.dump({k: v for k, v in self.__dict__.items() if k != "exported"}, f)
+            pickle.dump({k: v for k, v in self.__dict__.items() if k not in ("exported", "_copy")}, f)
         self._export()
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(pickle.load(f))
-        self.exported = set()   # the next export rebuilds the file from the restored study
+        self.exported, self._copy = set(), None   # the next export rebuilds the file from the restored study
 
     def _export(self) -> None:
         """Copy the finished trials not exported yet to the SQLite file (all of them, into a new file, the
@@ -154,14 +157,19 @@ class StudySearch(Searcher):
         if not new:
             return
         try:
-            target = self.export if self.exported else f"{self.export}.tmp"
-            if not self.exported and os.path.exists(target):
-                os.remove(target)
-            copy = optuna.create_study(storage=f"sqlite:///{target}", study_name=self.study.study_name,
+            if self._copy is None:   # this process's SQLite file: in the run folder, or uploaded from /tmp
+                self._copy = str(self.export.local_path(f".{layout.STUDY}.new")) if not self.export.remote else \
+                    os.path.join(tempfile.mkdtemp(prefix="gatetune-study-"), layout.STUDY)
+                if os.path.exists(self._copy):
+                    os.remove(self._copy)
+            copy = optuna.create_study(storage=f"sqlite:///{self._copy}", study_name=self.study.study_name,
                                        directions=self.study.directions, load_if_exists=True)
             copy.add_trials(new)
-            if not self.exported:
-                os.replace(target, self.export)
+            if self.export.remote:
+                self.export.upload(self._copy, layout.STUDY)
+            elif not self.exported:   # the first file of this process replaces the folder's (readers see one or the other)
+                os.replace(self._copy, self.export.local_path(layout.STUDY))
+                self._copy = str(self.export.local_path(layout.STUDY))
             self.exported |= {t.number for t in new}
         except Exception as e:   # noqa: BLE001
-            warnings.warn(f"{self.export}: Optuna study not exported ({type(e).__name__}: {e})")
+            warnings.warn(f"{self.export.uri(layout.STUDY)}: Optuna study not exported ({type(e).__name__}: {e})")

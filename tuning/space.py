@@ -41,6 +41,9 @@ from gatetune.core.errors import UserError, nearest
 from gatetune.tuning import config as C
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid")
+MAX_VALUES = 1000      # values of one choice or grid
+MAX_KEYS = 100         # searched keys of one space
+MAX_GRID = 100_000     # grid points (the product of the grid sizes)
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def parse_space(space: dict, config_keys: list[str], file: str) -> list[Param]:
         if key_pattern(key) not in config_keys and not key.startswith("gating.sites."):
             raise UserError(f"{key!r} is not a config key; {nearest(key, config_keys)}", file=file, key=where)
         if not isinstance(spec, dict):
-            raise UserError(f"expected a distribution like {{choice: [a, b]}}, got {spec!r}", file=file, key=where)
+            raise UserError(f"expected a distribution like {{choice: [a, b]}}, got {_short(spec)}", file=file, key=where)
         spec = dict(spec)
         when = spec.pop("when", {}) or {}
         if len(spec) != 1:
@@ -88,13 +91,16 @@ def parse_space(space: dict, config_keys: list[str], file: str) -> list[Param]:
 def _check_args(kind: str, args, file: str, where: str) -> tuple:
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
-            raise UserError(f"{kind} needs a non-empty list of values, got {args!r}", file=file, key=where)
+            raise UserError(f"{kind} needs a non-empty list of values, got {_short(args)}", file=file, key=where)
+        if len(args) > MAX_VALUES:
+            raise UserError(f"{kind} lists {len(args)} values (at most {MAX_VALUES}); use a range (uniform, int)",
+                            file=file, key=where)
         if len({json.dumps(_label(v), sort_keys=True) for v in args}) != len(args):
             raise UserError(f"{kind} lists a value twice: {args!r}; remove the duplicate", file=file, key=where)
         return tuple(args)
     if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and
                                                             not isinstance(a, bool) for a in args)):
-        raise UserError(f"{kind} needs [low, high] numbers, got {args!r}", file=file, key=where)
+        raise UserError(f"{kind} needs [low, high] numbers, got {_short(args)}", file=file, key=where)
     low, high = args
     if not low < high:
         raise UserError(f"`low < high` must hold, but got (low={low}, high={high}); swap or widen them",
@@ -103,14 +109,19 @@ def _check_args(kind: str, args, file: str, where: str) -> tuple:
         raise UserError(f"loguniform needs low > 0, got low={low}; use uniform or a positive bound",
                           file=file, key=where)
     if kind == "int" and not all(isinstance(a, int) for a in args):
-        raise UserError(f"int needs integer bounds, got {args!r}", file=file, key=where)
+        raise UserError(f"int needs integer bounds, got {_short(args)}", file=file, key=where)
     return (low, high)
 
 
 def _check_when(when, file: str, where: str) -> dict[str, tuple]:
     if not isinstance(when, dict):
-        raise UserError(f"`when` must map keys to values, got {when!r}", file=file, key=f"{where}.when")
+        raise UserError(f"`when` must map keys to values, got {_short(when)}", file=file, key=f"{where}.when")
     return {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def grid_size(params: list[Param]) -> int:
@@ -217,9 +228,15 @@ def prepare(cfg: C.Config, file: str | None = None, notices: list[str] | None = 
     if cfg.search is None:
         raise UserError("no `search:` section; add one (see search_spaces/quickstart.yaml) or use "
                         "`gatetune train` for a fixed config", file=where("search"), key="search")
+    if len(cfg.space or {}) > MAX_KEYS:
+        raise UserError(f"the space searches {len(cfg.space)} keys (at most {MAX_KEYS}); search fewer",
+                        file=where("space"), key="space")
     params = []
     for key, spec in (cfg.space or {}).items():   # one at a time: each key may come from another file
         params += parse_space({key: spec}, C.config_keys(), where(f"space.{key}"))
+    if grid_size(params) > MAX_GRID:
+        raise UserError(f"the grid has {grid_size(params):,} points (at most {MAX_GRID:,}); search some keys with "
+                        "choice or a range instead", file=where("space"), key="space")
     base = C.to_dict(cfg)
     for key in ("data.root", "model.weights"):   # trials chdir away: make paths absolute here
         v = get_dotted(base, key)

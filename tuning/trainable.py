@@ -15,7 +15,7 @@ What a user sees of a trial in the Ray dashboard (docs/design.md, "Watching a se
 """
 from __future__ import annotations
 
-__all__ = ["trial", "resume_state", "label"]
+__all__ = ["trial", "resume_state", "label", "CheckpointWriteError"]
 
 import os
 import sys
@@ -71,8 +71,14 @@ def resume_state(checkpoint_dir: str) -> dict | None:
     return ckpt.read_newest([here, *older])
 
 
-def trial(config: dict, base: dict) -> None:
-    """config: the sampled dotted keys (a seed replica's also `confirms`); base: the resolved search config."""
+class CheckpointWriteError(RuntimeError):
+    """A trial's epoch checkpoint could not be written to the run folder (a full disk, no permission): the
+    trial stops; its previous checkpoint is intact and `gatetune resume` continues from it."""
+
+
+def trial(config: dict, base: dict, run_dir: str = "") -> None:
+    """config: the sampled dotted keys (a seed replica's also `confirms`); base: the resolved search config;
+    run_dir: the run folder (for messages)."""
     import ray
     from ray import tune
 
@@ -95,12 +101,21 @@ def trial(config: dict, base: dict) -> None:
         if state is None:   # diverged: report without a checkpoint; the trial then ends
             tune.report(metrics)
             return
-        with tempfile.TemporaryDirectory() as d:
-            ckpt.save_atomic(state, os.path.join(d, layout.CHECKPOINT_STATE))
-            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        try:
+            with tempfile.TemporaryDirectory() as d:
+                ckpt.save_atomic(state, os.path.join(d, layout.CHECKPOINT_STATE))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+        except OSError as e:
+            line = (f"[{trial_id}] cannot write the epoch-{metrics['epoch']:g} checkpoint into {run_dir or 'the run folder'} "
+                    f"({e.strerror or str(e).splitlines()[0]}); the previous checkpoint is intact: free space or fix "
+                    "the folder, then `gatetune resume` the search")
+            print(line, file=sys.stderr, flush=True)
+            raise CheckpointWriteError(line) from None
 
     try:
         fit_any(cfg, report, resume=resume, gpus=len(ray.get_gpu_ids()), threads=max(1, int(cpus)), cached=True)
+    except CheckpointWriteError:
+        raise   # its one line is in the worker log already
     except Exception:
         traceback.print_exc(file=sys.stderr)   # into the worker log, beside the trial's error.txt
         sys.stderr.flush()

@@ -14,7 +14,7 @@ recursive aliases, and nesting deeper than Python's recursion limit.
 """
 from __future__ import annotations
 
-__all__ = ["read_config", "read_file", "merge", "parse_override", "yaml_load", "MAX_BYTES", "MAX_NODES"]
+__all__ = ["read_config", "read_file", "merge", "parse_override", "yaml_load", "MAX_BYTES", "MAX_NODES", "MAX_DEPTH"]
 
 import collections.abc
 import copy
@@ -31,6 +31,7 @@ from gatetune.tuning.config import mayo
 
 MAX_BYTES = 1 << 20       # a config file larger than 1 MiB is refused
 MAX_NODES = 100_000       # ... and one whose aliases expand to more YAML nodes than this
+MAX_DEPTH = 32            # ... or that nests mappings and lists deeper than this (configs use 5)
 
 
 class _Loader(yaml.SafeLoader):
@@ -44,6 +45,8 @@ class _Loader(yaml.SafeLoader):
             if size > MAX_NODES:
                 raise yaml.YAMLError(f"the document expands to {size:,} YAML nodes through its anchors and "
                                      f"aliases (at most {MAX_NODES:,})")
+            if _depth(node, {}) > MAX_DEPTH:
+                raise yaml.YAMLError(f"mappings and lists are nested more than {MAX_DEPTH} levels deep")
         return node
 
     def construct_mapping(self, node, deep=False):
@@ -83,6 +86,14 @@ def _expanded_size(node, memo: dict, open_: set) -> int:
     open_.discard(id(node))
     memo[id(node)] = n
     return n
+
+
+def _depth(node, memo: dict) -> int:
+    if id(node) not in memo:
+        children = [c for kv in node.value for c in (kv if isinstance(kv, tuple) else (kv,))] \
+            if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)) else []
+        memo[id(node)] = 1 + max((_depth(c, memo) for c in children), default=0)
+    return memo[id(node)]
 
 
 def yaml_load(text: str):
@@ -207,8 +218,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml_load(raw) if raw.strip() else None
     except (yaml.YAMLError, RecursionError) as e:
-        why = str(e).splitlines()[0] if isinstance(e, yaml.YAMLError) and "expands to" in str(e) else \
-            "the value is not valid YAML"
+        why = str(e).splitlines()[0] if isinstance(e, yaml.YAMLError) and ("expands to" in str(e) or "nested" in str(e)) \
+            else "the value is not valid YAML"
         raise UserError(f"override {text!r}: {why}; quote it or fix the brackets",
                         file="command line", key=key) from None
     return key, value

@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 
 class _Strict(BaseModel):
-    # Unknown keys are errors (the notebook's `trainbale` was silently ignored); no str->number coercion.
-    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+    # Unknown keys are errors (the notebook's `trainbale` was silently ignored); no str->number coercion;
+    # no NaN or infinity where a number goes.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True, allow_inf_nan=False)
 
 
 class ModelCfg(_Strict):
@@ -178,9 +179,9 @@ class SearchCfg(_Strict):
 
 
 class Config(_Strict):
-    name: str = "run"
-    """Run folder name: runs/<name>."""
-    seed: int = 0
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_+=@-][A-Za-z0-9._+=@-]{0,127}$")
+    """Run folder name: runs/<name> (letters, digits, . _ - + = @, not starting with a dot; no folder separators)."""
+    seed: int = Field(0, ge=0, lt=2 ** 32)
     model: ModelCfg = Field(default_factory=ModelCfg)
     data: DataCfg = Field(default_factory=DataCfg)
     gating: GatingCfg = Field(default_factory=GatingCfg)

@@ -103,6 +103,9 @@ def _error_line(err: dict) -> tuple[str, str]:
                      "write e.g. all, none, conv1, \"fire[6-9]\" or [conv1, conv2]")
     if kind == "string_pattern_mismatch" and key.endswith("confirm.front"):
         return key, f"must be pareto, pareto_density or `top K` (e.g. top 3), got {shown}; change the value"
+    if kind == "string_pattern_mismatch" and key == "name":
+        return key, (f"must be a folder name (1-128 letters, digits or . _ - + = @, not starting with a dot), "
+                     f"got {shown}; change the name")
     if kind == "missing":
         return key, f"{loc[-1]} is required here; add it"
     if kind == "extra_forbidden":

@@ -1,0 +1,181 @@
+"""A run folder where Ray Tune's storage can be: a local (or NFS) path, or a URI pyarrow opens
+(s3://bucket/prefix, gs://bucket/prefix, file:///...).
+
+    store = RunStore("s3://gatetune-runs/runs/q1")
+    store.write_text("gatetune.yaml", text);  store.read_text("gatetune.yaml")
+    local = store.mirror()       # every file but checkpoint contents, copied into a local folder to read
+
+S3 takes its endpoint and credentials from the standard AWS variables (AWS_ENDPOINT_URL or
+AWS_ENDPOINT_URL_S3 with its http:// or https://, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION),
+GCS from Google's default credentials. Remote objects cannot be appended to, so a growing file is kept
+in a local copy and uploaded whole; a write is atomic either way (a local file is written beside and
+renamed, an object appears when its upload completes).
+"""
+from __future__ import annotations
+
+__all__ = ["RunStore", "is_remote"]
+
+import os
+import tempfile
+from pathlib import Path
+
+from gatetune.core import layout
+from gatetune.core.errors import UserError
+
+
+def is_remote(where: str | os.PathLike) -> bool:
+    return "://" in str(where)
+
+
+class RunStore:
+    """One run folder, local or remote; paths are relative to it ("trial_x/latency.json")."""
+
+    def __init__(self, where: str | os.PathLike):
+        self.where = str(where).rstrip("/") if is_remote(where) else os.path.abspath(str(where))
+        self.remote = is_remote(where)
+        self._fs = None
+
+    def __str__(self) -> str:
+        return self.where
+
+    def __getstate__(self):   # picklable (schedulers and searchers are): the filesystem is reopened
+        return {**self.__dict__, "_fs": None}
+
+    def _open(self):
+        if self._fs is None:
+            from pyarrow import fs
+            try:
+                self._fs, self._root = fs.FileSystem.from_uri(self.where)
+            except Exception as e:   # noqa: BLE001  (pyarrow raises ArrowInvalid, OSError, ...)
+                raise UserError(f"cannot open it ({_oneline(e)}); check the URI and, for s3://, AWS_ENDPOINT_URL "
+                                "and the AWS keys", file=self.where) from None
+        return self._fs, self._root
+
+    def local_path(self, rel: str = "") -> Path:
+        """The path of `rel` in a local run folder (only for local stores)."""
+        assert not self.remote, "a remote run folder has no local path; use mirror()"
+        return Path(self.where, rel)
+
+    def uri(self, rel: str = "") -> str:
+        return f"{self.where}/{rel}" if rel else self.where
+
+    def exists(self, rel: str = "") -> bool:
+        if not self.remote:
+            return self.local_path(rel).exists()
+        from pyarrow import fs
+        filesystem, root = self._open()
+        return filesystem.get_file_info(_join(root, rel)).type != fs.FileType.NotFound
+
+    def read_bytes(self, rel: str) -> bytes:
+        if not self.remote:
+            return self.local_path(rel).read_bytes()
+        filesystem, root = self._open()
+        with filesystem.open_input_stream(_join(root, rel)) as f:
+            return f.read()
+
+    def read_text(self, rel: str) -> str:
+        return self.read_bytes(rel).decode("utf-8")
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        if not self.remote:
+            path = self.local_path(rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            return
+        filesystem, root = self._open()
+        with filesystem.open_output_stream(_join(root, rel)) as f:
+            f.write(data)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode("utf-8"))
+
+    def upload(self, local: str | os.PathLike, rel: str) -> None:
+        self.write_bytes(rel, Path(local).read_bytes())
+
+    def download(self, rel: str, local: str | os.PathLike) -> Path:
+        """Copy a file, or a folder with everything below it, to `local`."""
+        from pyarrow import fs
+        local = Path(local)
+        if not self.remote:
+            src = self.local_path(rel)
+            if src.is_dir():
+                import shutil
+                shutil.copytree(src, local, dirs_exist_ok=True)
+            else:
+                local.parent.mkdir(parents=True, exist_ok=True)
+                local.write_bytes(src.read_bytes())
+            return local
+        filesystem, root = self._open()
+        info = filesystem.get_file_info(_join(root, rel))
+        if info.type == fs.FileType.Directory:
+            local.mkdir(parents=True, exist_ok=True)
+            fs.copy_files(_join(root, rel), str(local), source_filesystem=filesystem,
+                          destination_filesystem=fs.LocalFileSystem(), use_threads=False)
+        else:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(self.read_bytes(rel))
+        return local
+
+    def mirror(self, local: str | os.PathLike | None = None) -> Path:
+        """A local copy of the run folder to read: every file except what lies inside a trial's checkpoint
+        folders (those folders are created empty, so their names can be listed). A local store is itself."""
+        if not self.remote:
+            return Path(self.where)
+        from pyarrow import fs
+        filesystem, root = self._open()
+        local = Path(local or tempfile.mkdtemp(prefix="gatetune-run-"))
+        try:
+            entries = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+        except FileNotFoundError:
+            entries = []
+        for e in entries:
+            rel = e.path[len(root):].lstrip("/")
+            parts = rel.split("/")
+            inside_checkpoint = any(layout.CHECKPOINT_DIR.fullmatch(p) for p in parts[:-1])
+            if e.type == fs.FileType.Directory:
+                (local / rel).mkdir(parents=True, exist_ok=True)
+            elif e.type == fs.FileType.File and not inside_checkpoint:
+                (local / rel).parent.mkdir(parents=True, exist_ok=True)
+                with filesystem.open_input_stream(e.path) as f:
+                    (local / rel).write_bytes(f.read())
+        return local
+
+    def check_writable(self) -> None:
+        """UserError unless a file can be written into the run folder (before any work starts); folders this
+        check had to create are removed again."""
+        probe = ".gatetune_write_probe"
+        created = None
+        if not self.remote:
+            created = next((p for p in reversed([Path(self.where), *Path(self.where).parents]) if not p.exists()), None)
+        try:
+            self.write_bytes(probe, b"")
+            if not self.remote:
+                self.local_path(probe).unlink()
+            else:
+                filesystem, root = self._open()
+                filesystem.delete_file(_join(root, probe))
+        except UserError:
+            raise
+        except Exception as e:   # noqa: BLE001  (OSError, pyarrow errors)
+            raise UserError(f"cannot write here ({_oneline(e)}); give a folder (or bucket) this user can write to",
+                            file=self.where) from None
+        finally:
+            if created is not None and created.exists():
+                import shutil
+                shutil.rmtree(created, ignore_errors=True)
+
+
+def _join(root: str, rel: str) -> str:
+    return f"{root.rstrip('/')}/{rel}" if rel else root
+
+
+def _oneline(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:200]
