@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __all__ = ["Config", "ModelCfg", "DataCfg", "SiteCfg", "GatingCfg", "OptimizerCfg", "LrScheduleCfg", "PhaseCfg",
            "TrainCfg", "SchedulerCfg", "ResourcesCfg", "SearchCfg", "ConfirmCfg", "config_keys", "key_pattern", "fields_at",
-           "source_of"]
+           "key_of", "source_of"]
 
 import re
 from typing import Any, Literal
@@ -247,6 +247,29 @@ def fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields) if isinstance(model, type) else []
 
 
+def key_of(loc: tuple) -> str:
+    """The dotted config key of a pydantic error location: dict keys and list items kept, the names pydantic
+    gives the members of a union (`str`, `list[str]`, ...) dropped."""
+    parts = [str(p) for p in loc if not str(p).startswith(("function-", "union[", "literal["))]
+    out, node = [], Config   # node: a model, "item" (the next part is a dict key or list index), or a leaf
+    for p in parts:
+        if node == "item":
+            out.append(p)
+            node = item
+        elif isinstance(node, type) and issubclass(node, BaseModel):
+            out.append(p)
+            field = node.model_fields.get(p)
+            if field is None:
+                break   # an unknown key
+            sub = _model_of(field.annotation)
+            if _container(field.annotation):
+                node, item = "item", sub or "leaf"   # dict keys and list items are the user's words
+            else:
+                node = sub or "leaf"
+        # else: a leaf's union member name
+    return ".".join(out)
+
+
 def source_of(key: str, sources: dict[str, str]) -> str | None:
     """The file that set `key` or the nearest section above it, from a {dotted key: file} map."""
     parts = key.split(".")
@@ -262,6 +285,14 @@ def _is_list(annotation) -> bool:
     if getattr(annotation, "__origin__", None) is list:
         return True
     return any(_is_list(a) for a in getattr(annotation, "__args__", ()) or ())
+
+
+def _container(annotation) -> bool:
+    """A list or dict field (or an optional one); not a union that also takes a scalar (str | list[str])."""
+    if getattr(annotation, "__origin__", None) in (list, dict):
+        return True
+    members = [a for a in getattr(annotation, "__args__", ()) or () if a is not type(None)]
+    return bool(members) and all(getattr(a, "__origin__", None) in (list, dict) for a in members)
 
 
 def _model_of(annotation) -> type[BaseModel] | None:

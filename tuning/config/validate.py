@@ -22,7 +22,7 @@ from gatetune.core.dotted import phases_epochs, trial_config
 from gatetune.core.errors import UserError, nearest
 from gatetune.tuning.config.loader import read_config
 from gatetune.tuning.config.plan import phase_plan, site_specs
-from gatetune.tuning.config.schema import Config, fields_at, source_of
+from gatetune.tuning.config.schema import Config, fields_at, key_of, source_of
 
 _RANGE = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
           "less_than_equal": "<= {le}"}
@@ -92,13 +92,13 @@ def _derive_epochs(raw: dict, file_of) -> dict:
 
 def _error_line(err: dict) -> tuple[str, str]:
     """(dotted key, message) of one pydantic error."""
-    loc = tuple(str(p) for p in err["loc"] if not str(p).startswith(("function-", "union[", "literal[")))
-    loc = tuple(p for p in loc if p not in ("str", "list[str]", "float", "int", "bool", "none"))
-    key = ".".join(loc)
     kind, got = err["type"], err.get("input")
+    key = key_of(err["loc"]) or "config"
+    loc = tuple(key.split("."))
     shown = _short(got)
     ctx = err.get("ctx") or {}
-    if any(str(part) in ("str", "list[str]") for part in err["loc"]):   # str | list[str]: site patterns
+    if kind != "extra_forbidden" and any(str(part) in ("str", "list[str]") for part in err["loc"][-2:]):
+        # str | list[str]: site patterns
         return key, (f"must be a site pattern or a list of them (strings), got {shown}; "
                      "write e.g. all, none, conv1, \"fire[6-9]\" or [conv1, conv2]")
     if kind == "string_pattern_mismatch" and key.endswith("confirm.front"):
