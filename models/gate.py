@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gatetune.models.gate_ops import bn_scale_shift, mean_abs
+from gatetune.models.gate_ops import bn_scale_shift, mean_abs, mean_hw
 
 __all__ = ["GatedConv2d", "active_count", "POLICIES"]
 
@@ -74,9 +74,10 @@ class GatedConv2d(nn.Module):
         self.register_buffer("_active", torch.zeros((), dtype=torch.float64), persistent=False)
         self._seen = 0  # samples since reset_density()
         self._full = 0  # of which ran with k == C_out (every channel on, no mask built)
-        # per output channel, eval-mode samples that kept it, and the eval-mode samples (selection())
-        self.register_buffer("_kept", torch.zeros(conv.out_channels, dtype=torch.float32), persistent=False)
-        self._evaluated = 0
+        # per output channel: eval-mode samples that kept it (k == C_out samples are added when read)
+        self.register_buffer("_kept", torch.zeros(conv.out_channels, dtype=torch.float64), persistent=False)
+        self._eval_seen = 0  # eval-mode samples since reset_density()
+        self._eval_full = 0  # of which ran with k == C_out
 
     @torch.no_grad()
     def _init_predictor(self, gamma: torch.Tensor | None) -> None:
@@ -109,23 +110,24 @@ class GatedConv2d(nn.Module):
             if bool((x < 0).any()):
                 raise RuntimeError("GatedConv2d(nonneg_input=True) got a negative input: the site table is wrong")
             self._checked = True
-        return F.relu(self.predictor(x.mean((2, 3)) if self.nonneg_input else mean_abs(x)))
+        return F.relu(self.predictor(mean_hw(x) if self.nonneg_input else mean_abs(x)))
 
     @torch.no_grad()
     def _winners(self, s: torch.Tensor) -> torch.Tensor | None:
         """0/1 mask (N, C_out) with exactly k ones per row, or None when every channel is kept."""
-        self._seen += s.shape[0]
+        n = s.shape[0]
+        self._seen += n
         if not self.training:
-            self._evaluated += s.shape[0]
+            self._eval_seen += n
         if self.k == s.shape[1]:
-            self._full += s.shape[0]
+            self._full += n
             if not self.training:
-                self._kept += s.shape[0]
+                self._eval_full += n
             return None
         mask = torch.zeros_like(s).scatter_(1, s.topk(self.k, dim=1, sorted=False).indices, 1.0)
         self._active += mask.sum(dtype=torch.float32)  # exact, also when s is bf16 under autocast
-        if not self.training:   # one column sum per batch; nothing in training
-            self._kept += mask.sum(0, dtype=torch.float32)
+        if not self.training:   # selection counters: one sum over the batch of the 0/1 mask
+            self._kept += mask.sum(0, dtype=self._kept.dtype)
         return mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,17 +155,20 @@ class GatedConv2d(nn.Module):
         return y if mask is None else y * mask[:, :, None, None]
 
     def reset_density(self) -> None:
+        """Zero the density counters and the per-channel selection counters together."""
         self._active.zero_()
         self._seen = self._full = 0
+        self.reset_selection()
 
-    def selection(self, reset: bool = True) -> tuple[torch.Tensor, int]:
-        """(per output channel, the eval-mode samples that kept it (C_out,) on the CPU; eval-mode samples)
-        since the last reset: a channel's selection frequency is kept / samples."""
-        out = (self._kept.detach().cpu().clone(), self._evaluated)
-        if reset:
-            self._kept.zero_()
-            self._evaluated = 0
-        return out
+    def reset_selection(self) -> None:
+        """Zero the per-channel selection counters only."""
+        self._kept.zero_()
+        self._eval_seen = self._eval_full = 0
+
+    def selection_terms(self) -> tuple[torch.Tensor, int]:
+        """(per output channel: eval-mode samples that kept it, float64 (C_out,) on the device; eval-mode
+        samples seen) since the last reset. Training-mode forwards are not counted."""
+        return self._kept + self._eval_full, self._eval_seen
 
     def density_terms(self) -> tuple[torch.Tensor, int]:
         """(kept channel count, as a tensor on the device; channel slots seen) since the last reset."""

@@ -127,9 +127,20 @@ class GatedNet(nn.Module):
         return {n: (a / s if s else float("nan")) for n, a, s in zip(self._gates, values, slots)}
 
     def selection_counts(self, reset: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
-        """{gated site: (per output channel, the eval-mode samples that kept it; eval-mode samples)} since the
-        last reset, counted in eval mode only (tuning/health.py turns them into dynamic/dead/always)."""
-        return {n: g.selection(reset) for n, g in self._gates.items()}
+        """Per gated site: (how many eval-mode samples kept each output channel, a float32 (C_out,) tensor
+        on the CPU; the number of eval-mode samples seen) since the last reset. A site with k == C_out
+        keeps every channel (counts == samples); each sample keeps exactly k, so counts sum to k *
+        samples (exact up to 2**24 per channel). Training-mode forwards are not counted. One device sync
+        for all sites. reset zeroes these counters only; reset_density / read_densities(reset=True) zero
+        them together with the densities."""
+        if not self._gates:
+            return {}
+        kept, seen = zip(*(g.selection_terms() for g in self._gates.values()))
+        flat = torch.cat([k.reshape(-1) for k in kept]).to("cpu", torch.float32).split([k.numel() for k in kept])
+        if reset:
+            for g in self._gates.values():
+                g.reset_selection()
+        return {n: (c.clone(), s) for n, c, s in zip(self._gates, flat, seen)}
 
     def density_of(self, d: dict[str, float]) -> float:
         """Overall density of a read_densities() result: kept channels / C_out summed over its sites; 1.0 if none."""

@@ -9,37 +9,48 @@ those output channels over only the input channels that can be non-zero:
     z = conv(x[i], W'[o][:, i]);  fbs: out[o] = s[o] * (z + shift[o]) + beta[o];  mse: out[o] = z + shift[o]
 
 W' and shift fold the eval-mode BN into the conv once, when the SkipNet is built (fbs: W * invstd and
-(bias - mean) * invstd, the saliency replacing gamma; mse: the affine BN, gamma * invstd). Per call only
-the kept weight rows and columns are copied (two index_selects): 5-25% of the smaller conv's time, the
-most at 8x8 feature maps.
+(bias - mean) * invstd, the saliency replacing gamma; mse: the affine BN, gamma * invstd).
+
+Per gate and input shape, one of several variants computing that output runs (models/plan.py picks the
+fastest on this machine, measured in situ on the first forward and cached per machine):
+  skip-*   the kept rows x non-zero columns of W' (the saliency folded in), one conv of the kept channels
+  dense-*  the full conv over the full-width input, then the winners kept and scaled (no weight copy)
+  *-native / *-mkldnn   torch's own conv choice, or oneDNN forced
+  *-kernel / *-torch    the predictor, top-k and weight gather done by one compiled C++ call
+           (models/kernel.py: CPU float32 convs with groups=1) or by torch ops (any device and dtype,
+           depthwise convs, machines without a C++ compiler, SkipNet(net, kernel=False))
+At batch 1 a torch op costs 1-3 us and a small conv 10-100 us, so a gate written in torch ops (a dozen
+of them) ate most of what skipping saves on resnet20; the kernel makes a gate ~3 us plus its conv.
 
 Which input channels: along a sequential chain (nn.Sequential, a BasicBlock's conv1 -> conv2, a Fire
 module's squeeze -> expands -> concat) a gated conv hands on a compact tensor, its k kept channels and their
 indices, and the next conv reads just those (no scatter, no gather of the activations); zero-preserving
 channelwise modules (ReLU, ReLU6, pooling, Identity, Dropout in eval) run on the compact tensor. A residual
-add scatters into the skip tensor (index_add); any other module gets the full-width tensor. A gate reading a
-full-width ReLU output skips its all-zero channels (found from the pooled vector the predictor needs
-anyway). Every registered model runs this way: mcifarnet, digitnet, vgg16_bn and mobilenet_v1 (depthwise
-gates read their kept channels only) are chains; resnet20 and resnet18 are compact inside each BasicBlock;
-squeezenet_v11 inside each Fire module. A gated conv with groups other than 1 or depthwise, or padding
-other than zeros, is refused (ModelError): the masked GatedNet is then the path to use.
+add scatters into the skip tensor (with the ReLU after it, one kernel pass); any other module gets the
+full-width tensor. (The torch-op skip variant also skips the all-zero channels of a full-width ReLU
+output, found from the pooled vector.) Every registered model runs this way: mcifarnet, digitnet,
+vgg16_bn and mobilenet_v1 (depthwise gates read their kept channels only) are chains; resnet20 and
+resnet18 are compact inside each BasicBlock; squeezenet_v11 inside each Fire module. A gated conv with
+groups other than 1 or depthwise, or padding other than zeros, is refused (ModelError): the masked
+GatedNet is then the path to use.
 
-Outputs equal the masked GatedNet's eval outputs at batch 1 up to the float rounding of the folded BN: the
-same top-k channels are picked, the saliency being computed by the same ops on the same values. (A batch
-of N > 1 through the masked net rounds differently and can, at a near-tie of two saliencies, keep the
-other channel.) The copy shares every tensor with `net` except the folded weights: rebuild it after the
-weights change. A batch of N runs as N batch-1 forwards. Each torch op costs 3-20 us at batch 1, so
-small networks (resnet20: 16-64 channels) gain little or nothing; see bench/inference.py.
-`dense_net(net)` is the dense counterpart, the latency baseline; `measure_latency` times both.
+Outputs equal the masked GatedNet's eval outputs at batch 1 up to float rounding (the folded BN; the
+kernel accumulates the saliency in double): the same top-k channels are picked, ties included, except at
+a near-tie of two saliencies within rounding (as a batch of N > 1 through the masked net can differ
+too). The copy shares every tensor with `net` except the folded weights: rebuild it after the weights
+change. A batch of N runs as N batch-1 forwards. `dense_net(net)` is the dense counterpart, the latency
+baseline; `measure_latency` times both (the same SkipNet path, so `gatetune eval` reports what runs).
 
     fast = SkipNet(net)                 # net: a GatedNet, in any mode (the copy is eval)
     logits = fast(x)                    # == net.eval()(x[i:i+1]) per sample, up to ~1e-6 relative
+    fast.plans()                        # gate -> {input shape: chosen variant}
     measure_latency(net, images)        # {'latency_ratio': skip / dense, 'skip_ms': .., 'dense_ms': .., ...}
 """
 from __future__ import annotations
 
 import copy
 import statistics
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -52,6 +63,9 @@ from torchvision.models.squeezenet import Fire
 
 from gatetune.models.errors import ModelError
 from gatetune.models.gate import GatedConv2d
+from gatetune.models.kernel import load as load_kernel
+from gatetune.models.plan import choose
+from gatetune.models.skip_gate import SkipGate, expand, folded
 
 __all__ = ["SkipNet", "dense_net", "measure_latency", "time_interleaved"]
 
@@ -61,129 +75,34 @@ _ZERO_PRESERVING = (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout, nn.MaxPool2d, nn
                     nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 
 
-def _expand(t: torch.Tensor, idx: torch.Tensor | None, channels: int) -> torch.Tensor:
-    """Compact (1, k, H, W) with channel indices idx -> full width (1, channels, H, W), zeros elsewhere."""
-    if idx is None:
-        return t
-    out = t.new_zeros(t.shape[0], channels, *t.shape[2:])
-    return out.index_copy_(1, idx, t)
-
-
-def _folded(g: GatedConv2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(W', shift, beta) with, on every channel, fbs: s * BN_noaffine(conv x) + beta ==
-    s * (conv(x, W') + shift) + beta (no BN: beta None, W' = W); mse: BN(conv x) == conv(x, W') + shift."""
-    conv, bn = g.conv, g.bn
-    w = conv.weight.detach()
-    bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(w[:, 0, 0, 0])
-    if bn is None:
-        return w.clone(), bias.clone(), None
-    if bn.running_mean is None:
-        raise ModelError("channel skipping needs BN running statistics (track_running_stats=True) to fold "
-                         "the BN into the conv; use the masked GatedNet for this network")
-    scale = torch.rsqrt(bn.running_var + bn.eps)
-    shift = (bias - bn.running_mean) * scale
-    if g.policy == "fbs":
-        return w * scale[:, None, None, None], shift, g.beta.detach().clone()
-    if bn.affine:
-        scale, shift = scale * bn.weight.detach(), shift * bn.weight.detach() + bn.bias.detach()
-    return w * scale[:, None, None, None], shift, None
-
-
-class _SkipGate(nn.Module):
-    """The skipping form of one GatedConv2d (see the module docstring). compact(t, idx) -> (z, idx_out):
-    t holds the channels idx of the full input (idx None: all of them), z the channels idx_out of the
-    output (idx_out None: all, when k == C_out). forward(x): full width in and out."""
-
-    def __init__(self, g: GatedConv2d):
-        super().__init__()
-        conv = g.conv
-        self.c_in, self.c_out, self.k = conv.in_channels, conv.out_channels, g.k
-        self.depthwise = conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
-        if conv.groups != 1 and not self.depthwise:
-            raise ModelError(f"channel skipping supports dense (groups=1) and depthwise gated convs, not "
-                             f"groups={conv.groups}; use the masked GatedNet for this network")
-        if conv.padding_mode != "zeros":
-            raise ModelError(f"channel skipping supports zero padding only, not {conv.padding_mode!r}; "
-                             "use the masked GatedNet for this network")
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.nonneg, self.scaled = g.nonneg_input, g.policy == "fbs"
-        w, shift, beta = _folded(g)
-        beta = beta if beta is not None else torch.zeros_like(shift)
-        self.register_buffer("weight", w.contiguous())
-        self.register_buffer("shift", shift)
-        self.register_buffer("beta", beta)
-        # [shift | beta] per output channel: one gather picks both. (Not appended to the weight rows: the
-        # column gather of a non-contiguous weight is almost twice as slow.)
-        self.register_buffer("shift_beta", torch.stack([shift, beta], 1))
-        self.register_buffer("p_weight", g.predictor.weight.detach())
-        self.register_buffer("p_bias", g.predictor.bias.detach())
-        self.register_buffer("zeros_in", torch.zeros(1, self.c_in, dtype=w.dtype, device=w.device))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z, idx = self.compact(x, None)
-        return _expand(z, idx, self.c_out)
-
-    def compact(self, t: torch.Tensor, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # Each torch op costs 3-20 us at batch 1 (more with caches cold after a conv), so the op count per
-        # gate (9 here on a compact input) matters as much as the MACs.
-        # Saliency: the masked path's ops on the same values (zeros where t is compact): the same winners.
-        # (sum + div_ is how CPU torch computes mean, bit for bit, but 3x faster than calling mean here)
-        pooled = (t if self.nonneg else t.abs()).sum((2, 3)).div_(t.shape[2] * t.shape[3])
-        full = pooled if idx is None else self.zeros_in.index_copy(1, idx, pooled)
-        s = F.linear(full, self.p_weight, self.p_bias).relu_()
-        if self.k == self.c_out:
-            out, w, shift, beta = None, self.weight, self.shift, self.beta
-        else:
-            s, out = s.topk(self.k, dim=1, sorted=False)   # s: the winners' saliencies
-            out = out[0]
-            w, sb = self.weight.index_select(0, out), self.shift_beta.index_select(0, out)
-            shift, beta = sb[:, 0], sb[:, 1]
-        if self.depthwise:   # output channel c reads input channel c only
-            x = _expand(t, idx, self.c_in)
-            x = x if out is None else x.index_select(1, out)
-            z = F.conv2d(x, w, shift, self.stride, self.padding, self.dilation, x.shape[1])
-        else:
-            if idx is None and self.nonneg:   # a full-width ReLU output (after a residual add, a gate whose
-                keep = pooled[0].nonzero()[:, 0]   # consumer needs full width): skip its all-zero channels
-                if keep.shape[0] < pooled.shape[1]:
-                    keep = keep if keep.shape[0] else keep.new_zeros(1)
-                    t, idx = t.index_select(1, keep), keep
-            if idx is not None:
-                w = w.index_select(1, idx)
-            if self.scaled and w[0].numel() < t.shape[2] * t.shape[3]:
-                # s * (conv(t, w) + shift) + beta, with s folded into the (smaller) weight
-                w = w.mul_(s.view(-1, 1, 1, 1)) if w is not self.weight else w * s.view(-1, 1, 1, 1)
-                return F.conv2d(t, w, torch.addcmul(beta, s[0], shift), self.stride, self.padding,
-                                self.dilation), out
-            z = F.conv2d(t, w, shift, self.stride, self.padding, self.dilation)
-        if not self.scaled:
-            return z, out
-        return torch.addcmul(beta.view(1, -1, 1, 1), z, s.view(1, -1, 1, 1)), out   # s * (z + shift) + beta
-
-
 class _Chain(nn.Sequential):
     """An nn.Sequential that passes compact tensors from child to child; full width in and out."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _expand(*_run(self, x, None, x.shape[1]))
+        return expand(*_run(self, x, None, x.shape[1]))
 
 
 def _run(m: nn.Module, t: torch.Tensor, idx: torch.Tensor | None, c: int):
     """Apply module m to t, the channels idx (None: all) of a c-channel tensor; returns (t, idx, c) after m."""
-    if isinstance(m, _SkipGate):
+    if isinstance(m, SkipGate):
         z, out = m.compact(t, idx)
         return z, out, m.c_out
     if isinstance(m, nn.Sequential):
         for child in m:
             t, idx, c = _run(child, t, idx, c)
         return t, idx, c
+    kind = type(m)
+    if kind is nn.Identity:   # (the BN a gate replaced) without the module call
+        return t, idx, c
+    if kind is nn.ReLU:
+        return (t.relu_() if m.inplace else t.relu()), idx, c
     if isinstance(m, _ZERO_PRESERVING):
         return m(t), idx, c
     if isinstance(m, BasicBlock):
         return _basic_block(m, t, idx, c)
     if isinstance(m, Fire):
         return _fire(m, t, idx, c)
-    y = m(_expand(t, idx, c))   # anything else reads the full-width tensor
+    y = m(expand(t, idx, c))   # anything else reads the full-width tensor
     return y, None, y.shape[1]
 
 
@@ -193,8 +112,18 @@ def _basic_block(b: BasicBlock, t: torch.Tensor, idx: torch.Tensor | None, c: in
     for m in (b.conv1, b.bn1, b.relu, b.conv2, b.bn2):
         out = _run(m, *out)
     out, i, _ = out
-    x = _expand(t, idx, c)
+    x = expand(t, idx, c)
     identity = b.downsample(x) if b.downsample is not None else x
+    gate = b.conv2
+    if (isinstance(gate, SkipGate) and gate.spec is not None and out.dtype == identity.dtype == torch.float32
+            and out.device.type == "cpu" and identity.shape[0] == 1 and out.is_contiguous()
+            and identity.is_contiguous() and (i is None or (i.dtype == torch.long and i.is_contiguous()))):
+        # relu(identity + out scattered) in one pass (torch's index_add plus relu_: 3 passes, ~6 us here)
+        res = torch.empty_like(identity)
+        gate.lib.gt_residual_relu(identity.data_ptr(), out.data_ptr(), None if i is None else i.data_ptr(),
+                                   out.shape[1], identity.shape[1], identity.shape[2] * identity.shape[3],
+                                   res.data_ptr())
+        return res, None, res.shape[1]
     out = out + identity if i is None else identity.index_add(1, i, out)
     return out.relu_(), None, out.shape[1]
 
@@ -211,12 +140,12 @@ def _fire(f: Fire, t: torch.Tensor, idx: torch.Tensor | None, c: int):
     return torch.cat([a, b], 1), torch.cat([ia, ib + ca]), ca + cb
 
 
-def _convert(m: nn.Module) -> nn.Module:
-    """Gated convs -> _SkipGate, nn.Sequential -> _Chain, recursively (in place below m; returns m's replacement)."""
+def _convert(m: nn.Module, lib, force: str | None) -> nn.Module:
+    """Gated convs -> SkipGate, nn.Sequential -> _Chain, recursively (in place below m; returns m's replacement)."""
     if isinstance(m, GatedConv2d):
-        return _SkipGate(m)
+        return SkipGate(m, lib, force)
     for name, child in list(m.named_children()):
-        setattr(m, name, _convert(child))
+        setattr(m, name, _convert(child, lib, force))
     if type(m) is nn.Sequential:
         return _Chain(OrderedDict(m._modules))
     return m
@@ -228,24 +157,95 @@ def _shared_copy(net: nn.Module) -> nn.Module:
     return copy.deepcopy(net, memo)
 
 
-class SkipNet(nn.Module):
-    """Channel-skipping eval-only copy of a GatedNet; forward(x (N, C, H, W)) -> logits, N batch-1 passes."""
+class _Trial:
+    """One in-situ calibration of a SkipNet: gates without a plan run their variants in turn, one per
+    forward (gate i uses variant (round + i) mod V, so neighbours differ), and time each call."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, gates: list):
+        self.round = 0
+        self.offset = {id(g): i for i, g in enumerate(gates)}
+        self.samples: dict[tuple, dict[str, list[float]]] = {}   # (gate, input key) -> variant -> seconds
+
+
+class SkipNet(nn.Module):
+    """Channel-skipping eval-only copy of a GatedNet; forward(x (N, C, H, W)) -> logits, N batch-1 passes.
+
+    Each gate has variants computing the same output (skip or dense conv; native or mkldnn conv; compiled
+    kernel or torch ops). The first forward at a new input shape (dtype, device, thread count) picks one
+    per gate: the choice cached for this machine (models/plan.py), else the fastest measured in situ,
+    over `CALIBRATION_REPS` full forwards per variant with the gates rotating through theirs (tens of ms
+    for the small CIFAR nets). `force` restricts every gate to the variants whose name holds each of its
+    '-'-separated words ("skip", "dense", "skip-native", "dense-torch-mkldnn", ...; a single match is not
+    timed). kernel=False runs every gate in torch ops, as on a machine without a C++ compiler.
+    One forward at a time (a lock): gates reuse scratch buffers.
+    """
+
+    CALIBRATION_REPS = 5
+    CALIBRATION_FLUSH_BYTES = 8 << 20   # written between calibration forwards (evicts L2 and part of L3)
+
+    def __init__(self, net: nn.Module, kernel: bool = True, force: str | None = None):
         super().__init__()
         gates = [m for m in net.modules() if isinstance(m, GatedConv2d)]
         if not gates:
             raise ModelError("the network has no gated conv: nothing to skip (run it as it is)")
         self.model_name = getattr(net, "model_name", type(net).__name__)
         body = getattr(net, "net", net)   # a GatedNet wraps the plain network
-        self.net = _convert(_shared_copy(body))
+        self.net = _convert(_shared_copy(body), load_kernel() if kernel else None, force)
+        self._gates = [m for m in self.net.modules() if isinstance(m, SkipGate)]
+        self._ready: set[tuple] = set()
+        self._lock = threading.Lock()
         self.train(False)
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:
-            return self.net(x)
-        return torch.cat([self.net(x[i:i + 1]) for i in range(x.shape[0])])
+        with self._lock:
+            if x.shape[0] == 1:
+                return self._single(x)
+            return torch.cat([self._single(x[i:i + 1]) for i in range(x.shape[0])])
+
+    def _single(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.shape, x.dtype, x.device, torch.get_num_threads())
+        if key not in self._ready:
+            self._calibrate(x)
+            self._ready.add(key)
+        return self.net(x)
+
+    def _calibrate(self, x: torch.Tensor) -> None:
+        """Plan every gate for inputs shaped like x (see the class docstring)."""
+        trial = _Trial(self._gates)
+        for g in self._gates:
+            g.trial = trial
+        try:
+            rounds = 1 + 4 * (self.CALIBRATION_REPS + 1)   # up to 4 variants, the first call of each a warm-up
+            flush = None
+            for trial.round in range(rounds):
+                self.net(x)
+                if not trial.samples:   # every gate had a plan (cached)
+                    return
+                if flush is None:
+                    flush = torch.zeros(self.CALIBRATION_FLUSH_BYTES // 4, device=x.device)
+                flush.add_(1.0)   # other work between two inferences: the next one starts with caches cold
+        finally:
+            for g in self._gates:
+                g.trial = None
+        for (gate, key), times in trial.samples.items():
+            if key in gate.pending:
+                warm = {n: v[1:] for n, v in times.items()}
+                gate.settle(key, choose(gate.pending[key][0], warm, where="in situ"))
+
+    def plans(self) -> dict[str, dict[str, str]]:
+        """Gate module path -> {input signature: chosen variant}, for the shapes run so far."""
+        return {name: m.plans for name, m in self.net.named_modules() if isinstance(m, SkipGate)}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        state["_ready"] = set()   # the gates forget their plans when copied
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.Lock()
 
     def train(self, mode: bool = True) -> SkipNet:
         if mode:
@@ -257,7 +257,7 @@ def _dense_conv(g: GatedConv2d) -> nn.Conv2d:
     """The gate's conv with every channel kept and its BN folded in: fbs with the saliency of a zero
     predictor weight, relu(predictor bias) (the BN's |gamma| at gating time); mse: the affine BN."""
     conv = g.conv
-    w, shift, beta = _folded(g)
+    w, shift, beta = folded(g)
     if g.policy == "fbs":
         s = F.relu(g.predictor.bias.detach())
         w, shift = w * s[:, None, None, None], s * shift + (beta if beta is not None else 0)
@@ -288,17 +288,22 @@ def dense_net(net: nn.Module) -> nn.Module:
 
 
 def time_interleaved(fns: dict[str, Callable[[torch.Tensor], object]], inputs: Iterable[torch.Tensor],
-                     rounds: int = 3, warmup: int = 2) -> dict[str, list[float]]:
+                     rounds: int = 3, warmup: int = 2, sync: bool = False) -> dict[str, list[float]]:
     """Seconds per call of each fn on each input, the fns interleaved call by call (so machine noise hits
-    all alike), `rounds` passes over the inputs after `warmup` untimed ones. Inference mode."""
+    all alike), `rounds` passes over the inputs after `warmup` untimed ones. Inference mode. sync: a
+    torch.cuda.synchronize() before and after each call (CUDA inputs)."""
     inputs = list(inputs)
     times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode():
         for r in range(warmup + rounds):
             for x in inputs:
                 for name, fn in fns.items():
+                    if sync:
+                        torch.cuda.synchronize()
                     t = time.perf_counter()
                     fn(x)
+                    if sync:
+                        torch.cuda.synchronize()
                     dt = time.perf_counter() - t
                     if r >= warmup:
                         times[name].append(dt)
@@ -310,7 +315,9 @@ def measure_latency(net: nn.Module, images: torch.Tensor | Iterable[torch.Tensor
     """Batch-1 CPU latency of the channel-skipping path against the dense network (`dense_net`), same
     weights, on each image (a (N, C, H, W) tensor or (1, C, H, W) tensors), interleaved; medians.
 
-    Returns latency_ratio (skip / dense), skip_ms, dense_ms, images, threads. `threads` (torch intra-op
+    The skipping path is SkipNet's, variants chosen per gate as SkipNet chooses them (cached per machine;
+    else calibrated during the untimed warm-up round). Returns latency_ratio (skip / dense), skip_ms,
+    dense_ms, images, threads. `threads` (torch intra-op
     threads during the measurement, restored after; None: as set) defaults to 1: batch-1 convs this
     small gain little from more threads, and one thread makes the figure comparable across machines.
     """

@@ -1,4 +1,4 @@
-"""GatedConv2d against the formulas of DESIGN.md 'Gating semantics', one conv at a time."""
+"""GatedConv2d against the formulas of docs/design.md 'Gating semantics', one conv at a time."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gatetune.models.gate import GatedConv2d, active_count
-from gatetune.models.gate_ops import bn_scale_shift, mean_abs
+from gatetune.models.gate_ops import bn_scale_shift, mean_abs, mean_hw
 
 
 def _conv_bn(c_in=6, c_out=10, seed=0):
@@ -112,15 +112,18 @@ def test_nonneg_input_is_checked_once():
     assert gate._checked
 
 
-def test_gate_ops_match_their_expressions():
+@pytest.mark.parametrize("channels_last", [False, True])   # True: the portable (non-CPU-fast) code paths
+def test_gate_ops_match_their_expressions(channels_last):
     x = torch.randn(3, 4, 5, 5, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(mean_abs, (x,))
+    assert torch.autograd.gradcheck(mean_hw, (x,))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     for train in (True, False):
         for b_rows in (1, 3):
             bn = nn.BatchNorm2d(4, affine=False, momentum=None).double().train(train)
             bn.running_var.fill_(1.5)
             ref_bn = copy.deepcopy(bn)
-            y = (torch.randn(3, 4, 5, 5, dtype=torch.double) * 2 + 1).requires_grad_()
+            y = (torch.randn(3, 4, 5, 5, dtype=torch.double) * 2 + 1).contiguous(memory_format=fmt).requires_grad_()
             s = torch.rand(3, 4, dtype=torch.double, requires_grad=True)
             b = torch.randn(b_rows, 4, dtype=torch.double, requires_grad=True)
             g = torch.randn(3, 4, 5, 5, dtype=torch.double)
@@ -130,3 +133,30 @@ def test_gate_ops_match_their_expressions():
             assert all(torch.allclose(a, r, atol=1e-10) for a, r in zip(grads, ref_grads))
             assert torch.allclose(bn.running_mean, ref_bn.running_mean)
             assert torch.allclose(bn.running_var, ref_bn.running_var)
+
+
+def test_gate_batch_statistics_in_float32_stay_close_to_torch_with_a_large_mean():
+    """|mean| / std = 100: the centred two-pass statistics lose ~|mean| / std ulps, not its square."""
+    torch.manual_seed(0)
+    y = torch.randn(16, 8, 6, 6) + 100.0
+    bn, ref = (nn.BatchNorm2d(8, affine=False, momentum=0.3) for _ in range(2))
+    s, b = torch.rand(16, 8), torch.randn(1, 8)
+    out = bn_scale_shift(y, bn, s, b)
+    expected = ref(y) * s[:, :, None, None] + b[:, :, None, None]
+    assert torch.allclose(out, expected, atol=1e-3, rtol=1e-3)
+    assert torch.allclose(bn.running_mean, ref.running_mean, rtol=1e-6)
+    assert torch.allclose(bn.running_var, ref.running_var, rtol=1e-3)
+
+
+def test_gate_output_takes_an_inplace_relu_and_bf16_autocast():
+    conv, bn = _conv_bn()
+    gate = GatedConv2d(conv, bn, density=0.5, weight=0.1).train()
+    x = _x().requires_grad_()
+    out = F.relu(gate(x), inplace=True)            # the networks' ReLU(inplace=True) after a gate
+    (out.sum() + gate.loss).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gate(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in gate.parameters() if p.grad is not None)

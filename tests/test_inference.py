@@ -17,6 +17,12 @@ DIGITS = os.path.join(ROOT, "search_spaces", "digits.yaml")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture(autouse=True)
+def _plans_in_memory(monkeypatch):
+    """Plan choices made under test load stay out of this machine's plan file (models/plan.py)."""
+    monkeypatch.setenv("GATETUNE_PLAN_CACHE", "0")
+
+
 @torch.no_grad()
 def _gated(name: str, policy: str, density: float, gate="all", size=None, seed=0) -> models.GatedNet:
     """`name` gated at `gate` sites, BN statistics from random batches (realistic scales), random betas."""
@@ -37,14 +43,14 @@ def _gated(name: str, policy: str, density: float, gate="all", size=None, seed=0
     return net.eval()
 
 
-def _check_match(net, size, n=3):
+def _check_match(net, size, n=3, **skip_kwargs):
     c_in = models.default_input(net.model_name)[0]
     x = torch.randn(n, c_in, size, size)
     with torch.inference_mode():
         # against the masked net at batch 1, as the skipping path runs: in a batch, float rounding differs
         # and a near-tie of two saliencies can keep the other channel (seen on mobilenet_v1)
         ref = torch.cat([net(x[i:i + 1]) for i in range(n)])
-        out = SkipNet(net)(x)
+        out = SkipNet(net, **skip_kwargs)(x)
     assert torch.isfinite(ref).all()
     scale = ref.abs().max()
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * float(scale)), float((out - ref).abs().max() / scale)
@@ -69,6 +75,75 @@ def test_skip_matches_masked(name, policy, density):
 @pytest.mark.parametrize("policy", ["fbs", "mse"])
 def test_skip_matches_masked_other_models_and_partial_gating(name, gate, size, policy):
     _check_match(_gated(name, policy, 0.5, gate=gate, size=size), size, n=2)
+
+
+VARIANTS = [dict(force="skip-kernel-native"), dict(force="skip-kernel-mkldnn"), dict(force="dense-kernel-native"),
+            dict(force="dense-kernel-mkldnn"), dict(kernel=False, force="skip-native"),
+            dict(kernel=False, force="dense-mkldnn")]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: v["force"] + ("" if v.get("kernel", True) else "-torch"))
+@pytest.mark.parametrize("name, policy, density", [("resnet20", "fbs", 0.5), ("mcifarnet", "mse", 0.25),
+                                                   ("digitnet", "fbs", 1.0), ("squeezenet_v11", "fbs", 0.5)])
+def test_every_variant_matches_masked(name, policy, density, variant):
+    size = 64 if name == "squeezenet_v11" else models.default_input(name)[1]
+    _check_match(_gated(name, policy, density, size=size), size, n=2, **variant)
+
+
+@pytest.mark.parametrize("force", ["skip-kernel", "dense-kernel"])
+def test_tied_and_zero_saliencies_keep_the_masked_nets_channels(force):
+    """The kernel's top-k replicates torch's: equal saliencies (a zero predictor weight, equal biases) and
+    exact zeros after the ReLU (negative biases) pick the same channels, so the same betas survive."""
+    for bias in ("equal", "half negative"):
+        net = _gated("mcifarnet", "fbs", 0.5)
+        with torch.no_grad():
+            for g in net.gates.values():
+                g.predictor.weight.zero_()
+                g.predictor.bias.fill_(0.7)
+                if bias == "half negative":
+                    g.predictor.bias[::2] = -1.0
+        _check_match(net, 32, n=2, force=force)
+
+
+def test_plans_are_chosen_per_gate_and_cached(monkeypatch, tmp_path):
+    from gatetune.models import plan
+    monkeypatch.setenv("GATETUNE_PLAN_CACHE", "1")
+    monkeypatch.setenv("GATETUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(plan, "_MEMORY", {})
+    monkeypatch.setattr(plan, "_LOADED", [])
+    net = _gated("digitnet", "fbs", 0.5)
+    x = torch.randn(1, 1, 16, 16)
+    fast = SkipNet(net)
+    with torch.inference_mode():
+        ref = fast(x)
+    chosen = fast.plans()
+    assert len(chosen) == len(net.gates) and all(len(p) == 1 for p in chosen.values())
+    names = {v for p in chosen.values() for v in p.values()}
+    assert names <= {f"{m}-kernel-{b}" for m in ("skip", "dense") for b in ("native", "mkldnn")}
+    record = json.loads(open(plan.plan_file()).read())
+    assert len(record) == len(net.gates) and all(e["measured"] == "in situ" for e in record.values())
+    calls = []
+    monkeypatch.setattr(plan, "choose", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(plan, "_MEMORY", {})   # a new process: the choices come from the file
+    monkeypatch.setattr(plan, "_LOADED", [])
+    again = SkipNet(net)
+    with torch.inference_mode():
+        assert torch.allclose(again(x), ref, rtol=1e-5, atol=1e-6)
+    assert not calls and again.plans() == chosen
+
+
+def test_copies_and_dtype_changes_rebind_the_kernel():
+    import copy
+    net = _gated("resnet20", "fbs", 0.5)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        ref = torch.cat([net(x)])
+        fast = SkipNet(net)
+        fast(x)
+        assert torch.allclose(copy.deepcopy(fast)(x), ref, rtol=1e-4, atol=1e-5)
+        fast64 = fast.double()   # no float64 kernel: the torch-op variants
+        assert torch.allclose(fast64(x.double()).float(), ref, rtol=1e-4, atol=1e-5)
+        assert all("torch" in v for p in fast64.plans().values() for k, v in p.items() if "float64" not in k)
 
 
 def test_skip_is_a_snapshot_for_inference_only():
@@ -111,7 +186,7 @@ def _checkpoint(path, overrides=()):
     from gatetune.tuning.data import load
     from gatetune.tuning.train import build_model
     cfg = C.load(DIGITS, ["train.epochs=1", *overrides])
-    net = build_model(cfg, load(C.data_spec(cfg), torch.device("cpu"), seed=cfg.seed))
+    net = build_model(cfg, load(cfg.data, torch.device("cpu"), seed=cfg.seed))
     state = {"model": net.state_dict(), "config": C.to_dict(cfg), "epoch": 1, "history": []}
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, path)
@@ -133,7 +208,7 @@ def test_eval_prints_latency_ratio(tmp_path, capsys):
 def test_pareto_latency_writes_latency_json_that_the_report_reads(tmp_path):
     """A hand-made search folder (no Ray): two trials with a checkpoint each, one dominating."""
     from gatetune import results
-    from gatetune.tuning.run import pareto_latency
+    from gatetune.tuning.evaluate import pareto_latency
     run = tmp_path / "search"
     cfg = _checkpoint(run / "trial_aaaa0001" / "checkpoint_000000" / "state.pt")
     _checkpoint(run / "trial_aaaa0002" / "checkpoint_000000" / "state.pt")

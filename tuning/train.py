@@ -102,12 +102,12 @@ def evaluate(net: models.GatedNet, loader, batch_size: int, amp: bool = False) -
             correct1 += int(hit[:, 0].sum())
             correct5 += int(hit.any(dim=1).sum())
             n += len(y)
+    health = health_metrics(net)   # reads (and resets) the selection counts; read_densities resets them too
     sites = net.read_densities(reset=True)
     out = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": float(loss_sum) / n,
            "density": net.density_of(sites), "macs": float(m.macs), "macs_ratio": float(m.ratio)}
     out.update({f"density/{s}": d for s, d in sites.items()})
-    out.update(health_metrics(net))
-    return out
+    return out | health
 
 
 class _Progress:
