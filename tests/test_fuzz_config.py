@@ -99,13 +99,16 @@ def _run(text: str | bytes, args: list[str], command: str = "train", extra: dict
                 rc = main([command, str(path), *args, "--out" if command == "train" else "--storage", str(out)])
             except WorkStarted:
                 rc = None
+            except SystemExit as e:   # argparse: an override it reads as an option ("-x=1")
+                rc = e.code
         elapsed = time.perf_counter() - started
         assert elapsed < SECONDS, f"{elapsed:.1f} s for {text[:200]!r} {args!r}"
         assert not out.exists(), "a run folder was created"
         lines = err.getvalue().strip("\n").splitlines()
         if rc is None:
             return "work", None
-        assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"gatetune {command}: error: "), (rc, err.getvalue())
+        assert rc == 2 and len(lines) == 1, (rc, err.getvalue())
+        assert lines[0].startswith((f"gatetune {command}: error: ", "gatetune: error: ")), lines[0]
         assert "Traceback" not in lines[0]
         # the loader and validator alone end the same way: a Config or a UserError
         try:

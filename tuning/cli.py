@@ -20,9 +20,16 @@ from gatetune.core.errors import UserError
 __all__ = ["main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake as one line (argparse prints the usage block, then the error)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gatetune", description="Search and train dynamically gated CNNs.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = _Parser(prog="gatetune", description="Search and train dynamically gated CNNs.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train one fixed config in this process (no Ray)")
     t.add_argument("config", help="YAML config file")
