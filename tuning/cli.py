@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from gatetune.core.errors import UserError
+from gatetune.core.errors import UserError, one_line
 
 __all__ = ["main"]
 
@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with a usage mistake as one line (argparse prints the usage block, then the error)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+        self.exit(2, one_line(f"{self.prog}: error: {message}; see `{self.prog} --help`") + "\n")
 
 
 def _parser() -> argparse.ArgumentParser:
