@@ -5,36 +5,21 @@
     fit_distributed(cfg, on_epoch, 2, "gloo")    # two CPU processes (tests, CPU-only machines)
 
 The notebook ran each trial on two GPUs (system.num_gpus=2, batch_size_per_gpu=256). Here a run with
-train.processes = N (default in a Ray trial: the GPUs it was granted) spawns N processes, rank r on
-cuda:r (NCCL) or the CPU (gloo); each runs `train.fit` on its shard of every epoch with the network in
-DistributedDataParallel, so gradients are averaged across ranks after every step and the weights stay
-identical. train.batch_size is per process: a step trains on N x batch_size images (the lr is not
-scaled for you).
+train.processes = N (default in a Ray trial: the GPUs it was granted) spawns N ranks (tuning/ddp.py:
+sharding, the DDP wrapper, the all-reduced divergence flag); train.batch_size is per process, so a step
+trains on N x batch_size images (the lr is not scaled for you).
 
-Who does what:
-- The calling process (the Ray trial, or `gatetune train`) starts the ranks and waits. It alone calls
-  `on_epoch`, so checkpoints, the run folder and `tune.report` stay in the process that owns them.
-  Rank 0 sends each epoch's (metrics, state) to it as bytes (torch.save) over a queue; the state is
-  rank 0's unwrapped network (no `module.` prefixes), so resuming and `gatetune eval` work as for one
-  process. When on_epoch raises (ASHA stopped the trial, Ctrl-C), the ranks are killed.
-- Sharding (ShardedLoader): every rank draws the same (seed, epoch) order at batch_size; step s is
-  batches s*N .. s*N+N-1 of it and rank r trains on batch s*N + r. A step therefore covers the images a
-  single process would see in one batch of N x batch_size; the tail that does not fill a whole step is
-  dropped, so every rank makes the same number of steps. Resume stays exact (the order depends only on
-  (seed, epoch)).
-- Validation: rank 0 evaluates the whole validation split; the others evaluate one batch (discarded).
-- Divergence: the check every few batches is all-reduced (DistContext.any), so all ranks stop at the
-  same step and none waits forever in a collective.
-- images_per_s in the metrics is the throughput of all ranks together (N x rank 0's, as every rank
-  trains the same number of images in lock-step).
-
-A rank that fails sends its exception to the caller, which kills the others and raises it (user
-errors such as a missing data.root keep their type, so the CLI prints its one line). Ranks die with
-their parent (PR_SET_PDEATHSIG), so a SIGKILLed trial leaves no process holding a GPU.
+The calling process (the Ray trial, or `gatetune train`) starts the ranks and waits. It alone calls
+`on_epoch`, so checkpoints, the run folder and `tune.report` stay in the process that owns them: rank 0
+sends each epoch's (metrics, state) to it over a queue, the state of rank 0's unwrapped network, so
+resuming and `gatetune eval` work as for one process. When on_epoch raises (ASHA stopped the trial,
+Ctrl-C), the ranks are killed. A rank that fails sends its exception to the caller, which kills the
+others and raises it (a UserError keeps its type: one line on the command line). Ranks die with their
+parent (PR_SET_PDEATHSIG), so a SIGKILLed trial leaves no process holding a GPU. images_per_s is the
+throughput of all ranks together.
 
 Cost to know about: sharding skips other ranks' batches after the loader made them; for the in-memory
-datasets (digits, cifar, fake) that is a cheap index/crop on the device, but ImageNet decodes every
-batch on every rank until the loader can shard by itself.
+datasets that is a cheap index/crop on the device, but ImageNet decodes every batch on every rank.
 """
 from __future__ import annotations
 

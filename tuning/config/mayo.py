@@ -19,7 +19,7 @@ The notebook configured gating as Mayo layer overrides, e.g.
                     expand3: {<<: *gated_conv, should_gate: ^(should_gate), trainable: ^(trainable)}
             fire9: {<<: *fire, should_gate: true, trainable: true}
 
-Read as follows (docs/design.md, "The notebook's files"):
+Read as follows:
 - layers whose name starts with `_` are templates (YAML anchors), not layers;
 - a layer with `layers:` is a module (a fire module, a depthwise-separable block); its `kwargs:` declares
   the arguments it takes (with defaults) and `^(name)` in its children is replaced by their values;
