@@ -21,6 +21,8 @@ counts at its best setting: ratio = the fastest DataLoader setting's epoch time 
     python bench/data_pipeline.py                    # 10000 images, batch 128, 3 timed epochs each
     python bench/data_pipeline.py --n 50000          # CIFAR-10's training set size
     python bench/data_pipeline.py --quick            # smoke run (tests/test_bench.py)
+    python bench/data_pipeline.py --device cuda      # gatetune's tensors on the GPU; DataLoader batches copied
+                                                     # there from pinned memory, as a training loop does
 """
 from __future__ import annotations
 
@@ -54,17 +56,28 @@ def _touch(x: torch.Tensor, y: torch.Tensor) -> float:
     return float(x.sum()) + int(y[0])
 
 
-def gatetune_epoch(loader, batch: int, epoch: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":   # kernels queued before (or by) the epoch are timed where they run
+        torch.cuda.synchronize()
+
+
+def gatetune_epoch(loader, batch: int, epoch: int, device: torch.device = torch.device("cpu")) -> float:
+    _sync(device)
     t = time.perf_counter()
     for x, y in loader.batches(batch, epoch=epoch, shuffle=True, augment=True):
         _touch(x, y)
+    _sync(device)
     return time.perf_counter() - t
 
 
-def dataloader_epoch(loader) -> float:
+def dataloader_epoch(loader, device: torch.device = torch.device("cpu")) -> float:
+    _sync(device)
     t = time.perf_counter()
     for x, y in loader:
+        if device.type == "cuda":
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         _touch(x, y)
+    _sync(device)
     return time.perf_counter() - t
 
 
@@ -77,7 +90,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="torch threads tried for the in-process pipelines (gatetune, num_workers=0)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 2000 images, 1 repeat, workers 0, 1 thread")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the batches end up (cuda: gatetune's tensors live there, DataLoader batches are copied)")
     a = ap.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"bench data_pipeline: --device cuda, but torch {torch.__version__} sees no CUDA device; "
+                         "run it on a GPU machine or pass --device cpu")
+    device = torch.device(a.device)
     if a.quick:
         a.n, a.repeats, a.workers, a.threads = 2000, 1, [0], [1]
     import torchvision
@@ -89,25 +108,27 @@ def main() -> None:
     mean, std = CIFAR_STATS["cifar10"]
 
     # gatetune: exactly what _load_cifar builds (NCHW uint8 tensor on the device, pad 4, flip)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-    y = torch.tensor(labels, dtype=torch.int64)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+    y = torch.tensor(labels, dtype=torch.int64, device=device)
     ours = D.from_tensors("cifar10", (x, y), (x[:a.batch], y[:a.batch]), mean, std, seed=0, pad=4, flip=True,
                           augment=True, num_classes=10).train
 
     recipe = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
     dataset = _PILDataset(images, labels, recipe)
     loaders = {w: torch.utils.data.DataLoader(dataset, batch_size=a.batch, shuffle=True, num_workers=w,
-                                              persistent_workers=w > 0) for w in a.workers}
+                                              persistent_workers=w > 0, pin_memory=device.type == "cuda")
+               for w in a.workers}
     default_threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, {a.n} images 3x32x32, "
-          f"batch {a.batch}, best of {a.repeats} epochs; in-process pipelines at {a.threads} torch thread(s)",
+          f"batch {a.batch}, best of {a.repeats} epochs; in-process pipelines at {a.threads} torch thread(s)"
+          + (f"; batches on {torch.cuda.get_device_name(0)}" if device.type == "cuda" else ""),
           flush=True)
 
     # (pipeline, setting) -> (threads, one epoch); workers > 0 decode in their processes (1 thread each)
-    runs = {("gatetune", t): (t, lambda e: gatetune_epoch(ours, a.batch, e)) for t in a.threads}
+    runs = {("gatetune", t): (t, lambda e: gatetune_epoch(ours, a.batch, e, device)) for t in a.threads}
     for w, dl in loaders.items():
         for t in (a.threads if w == 0 else [default_threads]):
-            runs[(f"workers={w}", t)] = (t, lambda e, dl=dl: dataloader_epoch(dl))
+            runs[(f"workers={w}", t)] = (t, lambda e, dl=dl: dataloader_epoch(dl, device))
     times: dict = {k: [] for k in runs}
     for r in range(a.repeats + 1):                # epoch 0 is the warm-up (and the workers' start)
         for k, (t, epoch) in runs.items():
@@ -128,7 +149,7 @@ def main() -> None:
     extra = " ".join(f"dataloader_w{w}_s={s:.3f}" for w, s in per_w.items())
     print(f"bench data_pipeline: ratio={ratio:.1f} goal={GOAL:g} met={'yes' if ratio >= GOAL else 'no'} "
           f"gatetune_s={g:.3f} {extra} gatetune_threads={g_key[1]} dataloader_best={d_key[0].replace('=', '')} "
-          f"n={a.n} batch={a.batch}")
+          f"n={a.n} batch={a.batch}" + (" device=cuda" if device.type == "cuda" else ""))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ trials themselves run unmodified.
     python bench/overhead.py                    # 8 trials x 1 epoch, 2 CPUs, both reuse settings
     python bench/overhead.py --quick            # smoke run: 3 trials, reuse only (tests/test_bench.py)
     python bench/overhead.py --epochs 2 --only reuse
+    python bench/overhead.py --device cuda      # trials and the plain loop on the GPU (search.resources.gpu: 1)
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ DENSITIES = [0.25, 0.5, 0.75, 1.0, 0.375, 0.625, 0.875, 0.125]
 WEIGHTS = [1.0e-8, 1.0e-6]
 
 
-def _search_yaml(folder: Path, trials: int, epochs: int, cpus: int) -> Path:
+def _search_yaml(folder: Path, trials: int, epochs: int, cpus: int, device: str = "cpu") -> Path:
     """A search file: digits.yaml plus a FIFO search over a fixed grid of exactly `trials` configs."""
     nd = max(1, min(len(DENSITIES), (trials + 1) // 2))
     nw = 2 if trials >= 2 and trials % 2 == 0 else 1
@@ -70,10 +71,12 @@ def _search_yaml(folder: Path, trials: int, epochs: int, cpus: int) -> Path:
     if nw > 1:
         space["gating.weight"] = {"grid": WEIGHTS[:nw]}
     doc = {"_import": str(ROOT / "search_spaces" / "digits.yaml"), "name": "overhead",
-           "train": {"epochs": epochs, "keep_checkpoints": 1},
+           "train": {"epochs": epochs, "keep_checkpoints": 1, **({"device": "cuda"} if device == "cuda" else {})},
            "search": {"num_samples": 1, "scheduler": {"name": "fifo"}, "resources": {"cpu": cpus, "gpu": 0},
                       "max_concurrent": 1, "max_failures": 0},
            "space": space}
+    if device == "cuda":   # one trial at a time with the whole GPU, as the plain loop has it
+        doc["search"]["resources"]["gpu"] = 1
     import yaml
     path = folder / "overhead.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -90,18 +93,27 @@ def _configs(cfg: C.Config) -> dict[tuple, C.Config]:
     return {_key(point): C.with_params(plan.base, point) for point in S.grid_points(plan.params)}
 
 
-def plain_loop(configs: dict[tuple, C.Config], cpus: int) -> tuple[float, dict[tuple, float]]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":   # queued kernels belong to the step that queued them
+        torch.cuda.synchronize()
+
+
+def plain_loop(configs: dict[tuple, C.Config], cpus: int, device: str = "cpu") -> tuple[float, dict[tuple, float]]:
     """(data load seconds, fit seconds per config)."""
     from gatetune.tuning.data import load
     from gatetune.tuning.train import fit
     torch.set_num_threads(cpus)
+    dev = torch.device(device)
     first = next(iter(configs.values()))
+    _sync(dev)
     t = time.perf_counter()
-    data = load(first.data, torch.device("cpu"), seed=first.seed)
+    data = load(first.data, dev, seed=first.seed)
+    _sync(dev)
     load_s, fits = time.perf_counter() - t, {}
     for key, cfg in configs.items():
         t = time.perf_counter()
-        fit(cfg, lambda metrics, state: None, data=data, device=torch.device("cpu"))
+        fit(cfg, lambda metrics, state: None, data=data, device=dev)
+        _sync(dev)
         fits[key] = time.perf_counter() - t
     return load_s, fits
 
@@ -149,7 +161,12 @@ def main() -> None:
     ap.add_argument("--only", choices=["reuse", "fresh"], help="measure one reuse_actors setting only")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 trials, 1 epoch, reuse only")
     ap.add_argument("--verbose", action="store_true", help="show the searches' own output")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="where the trials and the plain loop train (cuda: one GPU, search.resources.gpu: 1)")
     a = ap.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"bench overhead: --device cuda, but torch {torch.__version__} sees no CUDA device; "
+                 "run it on a GPU machine or pass --device cpu")
     if a.quick:
         a.trials, a.epochs, a.only = 3, 1, a.only or "reuse"
     if a.trials < 2:
@@ -157,21 +174,22 @@ def main() -> None:
     settings = [s for s in ("reuse", "fresh") if a.only in (None, s)]
 
     with tempfile.TemporaryDirectory(prefix="gatetune-bench-") as tmp:
-        cfg = C.load(str(_search_yaml(Path(tmp), a.trials, a.epochs, a.cpus)))
+        cfg = C.load(str(_search_yaml(Path(tmp), a.trials, a.epochs, a.cpus, a.device)))
         configs = _configs(cfg)
         n = len(configs)
         print(f"torch {torch.__version__}, {n} trials x {a.epochs} epoch(s) of {cfg.model.name} on "
-              f"{cfg.data.dataset}, {a.cpus} CPU(s) per trial, one trial at a time", flush=True)
+              f"{cfg.data.dataset}, {a.cpus} CPU(s) per trial{', 1 GPU' if a.device == 'cuda' else ''}, one trial at a time",
+              flush=True)
 
         import sklearn.datasets  # noqa: F401  (imported once per process; the plain loop times a warm load)
-        plain = [plain_loop(configs, a.cpus)]
+        plain = [plain_loop(configs, a.cpus, a.device)]
         print(f"plain loop             {plain[0][0] + sum(plain[0][1].values()):7.2f} s  (data load "
               f"{plain[0][0]:.2f} s, fits {' '.join(f'{v:.2f}' for v in plain[0][1].values())})", flush=True)
 
         import ray
         t = time.perf_counter()
         ray.init(num_cpus=a.cpus, include_dashboard=False, address="local", log_to_driver=False,
-                 object_store_memory=200 * 1024 ** 2)
+                 object_store_memory=200 * 1024 ** 2, **({"num_gpus": 1} if a.device == "cuda" else {}))
         ray_start = time.perf_counter() - t
         print(f"ray start              {ray_start:7.2f} s  (once per search, not charged per trial)", flush=True)
 
@@ -187,7 +205,7 @@ def main() -> None:
         finally:
             ray.shutdown()
 
-        plain.append(plain_loop(configs, a.cpus))
+        plain.append(plain_loop(configs, a.cpus, a.device))
         print(f"plain loop (again)     {plain[1][0] + sum(plain[1][1].values()):7.2f} s  (data load "
               f"{plain[1][0]:.2f} s, fits {' '.join(f'{v:.2f}' for v in plain[1][1].values())})", flush=True)
 
@@ -210,7 +228,8 @@ def main() -> None:
     extra = " ".join(f"{s}_s_per_trial={o['per']:.2f} {s}_median_s={o['median']:.2f} "
                      f"{s}_per_search_s={o['search']:.1f} {s}_all_in_s_per_trial={o['all_in']:.2f}" for s, o in out.items())
     print(f"bench overhead: ratio={ratio:.2f} goal={GOAL} met={'yes' if ratio <= GOAL else 'no'} {extra} "
-          f"ray_start_s={ray_start:.1f} plain_s={plain_s:.1f} trials={n} epochs={a.epochs}")
+          f"ray_start_s={ray_start:.1f} plain_s={plain_s:.1f} trials={n} epochs={a.epochs}"
+          + (" device=cuda" if a.device == "cuda" else ""))
 
 
 if __name__ == "__main__":
