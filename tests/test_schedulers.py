@@ -80,6 +80,52 @@ def test_off_target_trials_are_stopped_and_recorded(tmp_path):
     assert '"stopped_by": "off_target"' in log.read_text()
 
 
+def test_recheck_stops_a_trial_that_passed_an_empty_rung(tmp_path):
+    """Trial a reaches rung 1 first (empty: ASHA lets it through); b then does much better there. Plain ASHA
+    never looks back at rung 1 for a; with recheck, a's next result stops it and the stop is recorded."""
+    kw = dict(time_attr="epoch", metric="top1", mode="max", max_t=MAX_T, grace_period=1, reduction_factor=4)
+    for recheck, expected in ((False, TrialScheduler.CONTINUE), (True, TrialScheduler.STOP)):
+        folder = tmp_path / str(recheck)
+        folder.mkdir()
+        asha = RecordingASHA(DecisionLog(folder), recheck=recheck, **kw)
+        a, b = (SimpleNamespace(trial_id=i, config={}) for i in ("a", "b"))
+        asha.on_trial_add(None, a)
+        asha.on_trial_add(None, b)
+        assert asha.on_trial_result(None, a, {"epoch": 1.0, "top1": 10.0}) == TrialScheduler.CONTINUE
+        assert asha.on_trial_result(None, b, {"epoch": 1.0, "top1": 50.0}) == TrialScheduler.CONTINUE
+        assert asha.on_trial_result(None, a, {"epoch": 2.0, "top1": 12.0}) == expected   # a: last of 2 at rung 1
+        assert asha.on_trial_result(None, b, {"epoch": 2.0, "top1": 60.0}) == TrialScheduler.CONTINUE
+        log = folder / "decisions.jsonl"
+        assert (log.exists() and '"trial_id": "a", "stopped_by": "asha", "epoch": 2.0' in log.read_text()) == recheck
+
+
+@pytest.mark.parametrize("order", [DENSITIES, DENSITIES[::-1], (0.5, 1.0, 0.25, 0.75)])
+@pytest.mark.parametrize("rf", [2, 4])
+def test_recheck_trains_fewer_epochs_and_still_finishes_the_best(order, rf):
+    kw = dict(time_attr="epoch", metric="top1", mode="max", max_t=MAX_T, grace_period=1, reduction_factor=rf)
+    plain, rechecked = (_run(RecordingASHA(recheck=r, **kw), order=order)[0] for r in (False, True))
+    assert sum(e for _, e in rechecked.values()) < sum(e for _, e in plain.values())
+    assert any(d == 1.0 and e == MAX_T for d, e in rechecked.values())   # a dense trial (the best) trains to the end
+
+
+def test_recheck_needs_one_bracket():
+    with pytest.raises(ValueError, match="brackets=1"):
+        RecordingASHA(time_attr="epoch", metric="top1", mode="max", max_t=MAX_T, recheck=True, brackets=2)
+
+
+@pytest.mark.parametrize("name", ["asha", "asha_by_density"])
+def test_recheck_from_config(tmp_path, name):
+    from gatetune.tuning import config as C
+    from gatetune.tuning import space as S
+    from gatetune.tuning.schedulers import build
+    cfg = C.Config(train={"epochs": 8}, search={"scheduler": {"name": name, "reduction_factor": 4, "recheck": True}},
+                   space={"gating.density": {"choice": [0.25, 1.0]}})
+    sched = build(S.prepare(cfg, "x.yaml"), DecisionLog(tmp_path))
+    ashas = [sched] if name == "asha" else list(sched.asha.values())
+    assert all(a.recheck and a.milestones == [1, 4] for a in ashas)   # rungs 1, 4; epoch 8 ends every trial
+    assert C.Config().search is None and not C.SchedulerCfg().recheck   # off unless asked for
+
+
 @pytest.mark.parametrize("name", ["asha", "asha_by_density", "fifo"])
 def test_scheduler_from_config(tmp_path, name):
     from gatetune.tuning import config as C

@@ -7,6 +7,13 @@ ASHA (its own rungs and cutoffs): a trial only competes with trials of the same 
 stops, as `off_target`, a trial whose achieved density stays further than a tolerance from its
 target after the grace period.
 
+Asynchronous ASHA decides once, when a trial reaches a rung, against the results the rung holds at that
+moment; early in a search the rungs are nearly empty, so the first trials pass every rung and train to
+the end (with 2 trials at a time, no other trial can even reach a rung while they run). `recheck`
+revisits that decision: a trial that passed rung r is checked again at each later result against r's
+cutoff as it stands then, and stopped once it has fallen below. It keeps its own copy of each rung's
+values, fed from the same results, so it needs only Ray's public scheduler hooks.
+
 Seed replicas (search.confirm: a trial whose config names under `confirms` the trial it repeats) are
 never stopped and never count in a rung. Both append each early stop to the run folder's decisions.jsonl (ASHA-stopped trials look TERMINATED
 in Ray), which the report reads for its `stopped_by` column. Only Ray Tune's public scheduler API is
@@ -19,10 +26,12 @@ from __future__ import annotations
 __all__ = ["RecordingASHA", "DensityStratifiedASHA", "DecisionLog", "build", "rungs", "nearest_bucket"]
 
 import json
+import math
 import os
 import tempfile
 import warnings
 
+import numpy as np
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from gatetune.core import layout
@@ -79,12 +88,24 @@ class DecisionLog:
 
 
 class RecordingASHA(ASHAScheduler):
-    """ASHA (time attribute `epoch`) that logs each early stop to `log` (a DecisionLog, or None)."""
+    """ASHA (time attribute `epoch`) that logs each early stop to `log` (a DecisionLog, or None).
+
+    recheck: also stop a trial, at any later result, once its value at the last rung it passed falls below
+    that rung's current cutoff (see the module docstring); needs one bracket.
+    """
 
     def __init__(self, log: DecisionLog | None = None, *, metric: str, mode: str, time_attr: str = "epoch",
-                 max_t: int, **kw):
-        super().__init__(metric=metric, mode=mode, time_attr=time_attr, max_t=max_t, **kw)
+                 max_t: int, grace_period: int = 1, reduction_factor: float = 4, recheck: bool = False, **kw):
+        if recheck and kw.get("brackets", 1) != 1:
+            raise ValueError("recheck keeps one set of rungs: use it with brackets=1")
+        super().__init__(metric=metric, mode=mode, time_attr=time_attr, max_t=max_t, grace_period=grace_period,
+                         reduction_factor=reduction_factor, **kw)
         self.log, self.time_attr, self.max_t, self.mode = log, time_attr, max_t, mode
+        self.recheck, self.keep = recheck, 1 / reduction_factor
+        # the milestones below max_t, as Ray's single bracket places them (a result at max_t ends the trial)
+        self.milestones = [m for m in rungs(grace_period, reduction_factor, max_t) if m < max_t]
+        self.rung_values: dict[float, dict[str, float]] = {m: {} for m in self.milestones}
+        self.passed: dict[str, float] = {}   # trial id -> the last rung it passed, while it runs
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         """Accept TuneConfig's metric and mode when they are ours (Tune refuses a scheduler otherwise)."""
@@ -95,6 +116,25 @@ class RecordingASHA(ASHAScheduler):
             self.log.write({"trial_id": trial.trial_id, "stopped_by": why, "epoch": result.get("epoch"),
                             "top1": result.get("top1")})
 
+    def _note(self, trial, result: dict) -> float | None:
+        """Enter the result in the rung it reaches, as Ray's bracket does (the highest milestone reached
+        that holds no value of this trial yet); that milestone, or None."""
+        t, value = result.get(self.time_attr), result.get(self.metric)
+        if t is None or value is None or (isinstance(value, float) and math.isnan(value)):
+            return None
+        for m in reversed(self.milestones):
+            if t >= m and trial.trial_id not in self.rung_values[m]:
+                self.rung_values[m][trial.trial_id] = value if self.mode == "max" else -value
+                return m
+        return None
+
+    def _fell_behind(self, trial) -> bool:
+        m = self.passed.get(trial.trial_id)
+        if m is None:
+            return False
+        values = self.rung_values[m]
+        return values[trial.trial_id] < np.nanpercentile(list(values.values()), (1 - self.keep) * 100)
+
     def on_trial_add(self, tune_controller, trial):
         if not _replica(trial):
             super().on_trial_add(tune_controller, trial)
@@ -103,17 +143,31 @@ class RecordingASHA(ASHAScheduler):
         if _replica(trial):
             return TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
-        if action == TrialScheduler.STOP and result.get(self.time_attr, 0) < self.max_t:
+        t = result.get(self.time_attr, 0)
+        if self.recheck:
+            reached = self._note(trial, result)
+            if action != TrialScheduler.CONTINUE or t >= self.max_t:
+                self.passed.pop(trial.trial_id, None)
+            elif reached is not None:
+                self.passed[trial.trial_id] = reached   # Ray just let it through this rung
+            elif self._fell_behind(trial):
+                self.passed.pop(trial.trial_id)
+                action = TrialScheduler.STOP
+        if action == TrialScheduler.STOP and t < self.max_t:
             self.record(trial, result, "asha")
         return action
 
     def on_trial_complete(self, tune_controller, trial, result):
         if not _replica(trial):
             super().on_trial_complete(tune_controller, trial, result)
+            if self.recheck:
+                self._note(trial, result)
+                self.passed.pop(trial.trial_id, None)
 
     def on_trial_remove(self, tune_controller, trial):
         if not _replica(trial):
             super().on_trial_remove(tune_controller, trial)
+            self.passed.pop(trial.trial_id, None)
 
 
 class DensityStratifiedASHA(FIFOScheduler):
@@ -124,17 +178,19 @@ class DensityStratifiedASHA(FIFOScheduler):
     density_key: the trial-config key holding the target density; default: trials without it.
     tolerance: stop a trial whose achieved `density` differs from its target by more than this
     after the grace period (None: never).
+    recheck: as RecordingASHA's, within each bucket.
     """
 
     def __init__(self, buckets, *, density_key: str = "gating.density", default: float = 1.0,
                  tolerance: float | None = 0.05, log: DecisionLog | None = None, metric: str, mode: str,
-                 time_attr: str = "epoch", max_t: int, grace_period: int = 1, reduction_factor: int = 2):
+                 time_attr: str = "epoch", max_t: int, grace_period: int = 1, reduction_factor: int = 2,
+                 recheck: bool = False):
         super().__init__()
         self.buckets = sorted(float(b) for b in buckets) or [float(default)]
         self.density_key, self.default, self.tolerance = density_key, default, tolerance
         self.time_attr, self.max_t, self.grace, self.mode, self.objective = time_attr, max_t, grace_period, mode, metric
         self.asha = {b: RecordingASHA(log, metric=metric, mode=mode, time_attr=time_attr, max_t=max_t,
-                                      grace_period=grace_period, reduction_factor=reduction_factor)
+                                      grace_period=grace_period, reduction_factor=reduction_factor, recheck=recheck)
                      for b in self.buckets}
 
     @property
@@ -181,7 +237,7 @@ def build(plan, log: DecisionLog | None):
     if s.name == "fifo":
         return FIFOScheduler()
     common = dict(metric=cfg.search.metric, mode=cfg.search.mode, time_attr="epoch", max_t=plan.max_epochs,
-                  grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+                  grace_period=s.grace_period, reduction_factor=s.reduction_factor, recheck=s.recheck)
     if s.name == "asha":
         return RecordingASHA(log, **common)
     return DensityStratifiedASHA(plan.density_buckets, default=cfg.gating.density, tolerance=s.off_target_tolerance,

@@ -135,6 +135,10 @@ class SchedulerCfg(_Strict):
     """asha_by_density with a continuous gating.density range: this many equal-width buckets."""
     off_target_tolerance: float | None = Field(0.05, gt=0)
     """asha_by_density: stop a trial whose achieved density is further than this from its target."""
+    recheck: bool = False
+    """asha, asha_by_density: ASHA judges a trial once, when it reaches a rung, against the results the rung
+    holds then (early in a search: few or none, so the first trials train to the end); with recheck, a trial
+    that passed a rung is stopped at any later result once it falls below that rung's cutoff as it fills."""
 
 
 class ResourcesCfg(_Strict):
