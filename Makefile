@@ -13,13 +13,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: install test test-slow demo demo-pareto bench clean
+.PHONY: install test test-slow demo demo-pareto bench bench-gpu clean
 install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Multi-process / multi-node scenarios and the digits accuracy targets (CI runs these too).
+# Multi-process / multi-node scenarios, S3 storage, the dashboard, 5,000 fuzzed configs, a full disk and
+# the digits accuracy targets (CI runs these too).
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
@@ -27,17 +28,32 @@ test-slow: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/gatetune search search_spaces/quickstart.yaml --name quickstart-$$(date +%Y%m%d-%H%M%S)
 
-# The density/accuracy curve: NSGA-II on (top-1, MACs) with density-stratified ASHA; writes pareto.png.
+# The density/accuracy curve: NSGA-II on (top-1, MACs) with density-stratified ASHA, the front confirmed
+# over 3 seeds; writes report.md and pareto.png.
 demo-pareto: $(STAMP)
 	$(BIN)/gatetune search search_spaces/pareto.yaml --name pareto-$$(date +%Y%m%d-%H%M%S)
 
-# Side-by-side ratios, each ending with `bench NAME: ratio=X goal=Y met=yes|no` (~10 min on 2 cores).
+# Side-by-side ratios, each ending with `bench NAME: ratio=X goal=Y met=yes|no` (~40 min on 2 cores).
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/asha_vs_fifo.py
 	$(BIN)/python bench/gate_overhead.py
 	$(BIN)/python bench/data_pipeline.py
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/vs_optuna.py
+
+# The same on a CUDA machine (AMP and channels-last where a bench has them), plus resnet20's training
+# throughput alone and with four trials sharing one GPU. Each bench stops with one line without CUDA.
+bench-gpu: $(STAMP)
+	$(BIN)/python bench/overhead.py --device cuda
+	$(BIN)/python bench/asha_vs_fifo.py --device cuda
+	$(BIN)/python bench/gate_overhead.py --device cuda --amp
+	$(BIN)/python bench/data_pipeline.py --device cuda
+	$(BIN)/python bench/inference.py --device cuda
+	$(BIN)/python bench/scale.py --device cuda
+	$(BIN)/python bench/vs_optuna.py --device cuda
+	$(BIN)/python bench/gpu_throughput.py --device cuda --amp
 
 clean:
 	rm -rf runs build *.egg-info

@@ -39,10 +39,11 @@ def add_seed_stats(out: pd.DataFrame, rule: str | None) -> pd.DataFrame:
     out["confirms"] = confirms
     for name in SEED_COLUMNS[1:]:
         out[name] = False if name == "pareto_seeds" else np.nan
-    done = out[out["status"] == "completed"]
+    origins = set(confirms[confirms != ""]) & set(out["trial_id"])   # configs with replicas (few)
+    done = out[(out["status"] == "completed") & (out["confirms"].isin(origins) | out["trial_id"].isin(origins))]
     groups = done.groupby(done["confirms"].where(done["confirms"] != "", done["trial_id"]))
     for origin, seeds in groups:
-        if (out["confirms"] == origin).any() and (out["trial_id"] == origin).any():
+        if origin in origins:
             row = out.index[out["trial_id"] == origin][0]
             out.loc[row, ["n_seeds", "top1_mean", "top1_std", "density_mean", "macs_ratio_mean"]] = [
                 len(seeds), seeds["top1"].mean(), seeds["top1"].std(ddof=1) if len(seeds) > 1 else np.nan,

@@ -41,3 +41,43 @@ def test_asha_vs_fifo_quick():
     r = run_bench("asha_vs_fifo", "--quick", timeout=300)
     assert r["goal"] == 0.35 and r["epochs_fifo"] == "8"   # 4 trials x 2 epochs
     assert 0 < r["ratio"] <= 1 and float(r["best_top1_fifo"]) > 0
+    ratios = [float(x) for x in r["ratios"].split(",")]   # one ASHA search per order of the same configs
+    assert r["orders"] == "3" and len(ratios) == 3 and abs(sum(ratios) / 3 - r["ratio"]) < 1e-3
+    assert r["recheck"] == "yes" and all(int(e) <= 8 for e in r["epochs_asha"].split(","))
+
+
+@pytest.mark.slow
+def test_vs_optuna_quick():
+    r = run_bench("vs_optuna", "--quick", timeout=600)
+    assert r["goal"] == 1.1 and r["trials"] == "4" and r["rounds"] == "1"
+    assert r["ratio"] > 0 and float(r["ray_start_s"]) > 0 and float(r["best_top1_optuna"]) > 0
+    assert r["epochs_gatetune"].isdigit() and r["epochs_optuna"].isdigit()
+
+
+@pytest.mark.slow
+def test_gpu_throughput_cpu_quick():
+    r = run_bench("gpu_throughput", "--device", "cpu", "--quick", timeout=400)
+    assert r["goal"] == 2 and r["device"] == "cpu" and r["ratio"] > 0
+    assert float(r["alone_img_s"]) > 0 and float(r["shared_total_img_s"]) > 0
+
+
+@pytest.mark.parametrize("name", ["gpu_throughput", "overhead", "data_pipeline", "vs_optuna"])
+def test_cuda_without_a_gpu_is_one_line(name):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    args = ["--device", "cuda"] if name != "gpu_throughput" else []   # gpu_throughput's default is cuda
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", f"{name}.py"), *args], cwd=ROOT,
+                       env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and not p.stdout.strip()
+    assert len(p.stderr.strip().splitlines()) == 1 and "--device cpu" in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_scale_quick():
+    r = run_bench("scale", "--quick", timeout=300)
+    assert r["goal"] == 0.2 and r["met"] in ("yes", "no")
+    for n in ("5", "20"):   # the small and the large search, each measured
+        assert float(r[f"report_s_{n}"]) > 0 and float(r[f"bytes_per_trial_{n}"]) > 0
+        assert f"s_per_trial_{n}" in r and f"driver_rss_growth_mb_{n}" in r
+    assert float(r["s_per_trial_20"]) == r["ratio"] and float(r["wall"]) > 0

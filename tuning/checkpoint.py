@@ -23,10 +23,12 @@ from gatetune.core import layout
 from gatetune.core.errors import CheckpointError
 
 
-def save_atomic(state: dict, path: str | os.PathLike) -> None:
+def save_atomic(state: dict, path: str | os.PathLike, sync: bool = True) -> None:
     """Write `state` to `path` through a temporary file renamed over it. A full disk or a folder that cannot be
     written raises OSError (ENOSPC, EACCES, EROFS) and leaves the previous file as it was. (The state is
-    serialised in memory first: torch.save straight into a full disk raises a RuntimeError with no errno.)"""
+    serialised in memory first: torch.save straight into a full disk raises a RuntimeError with no errno.)
+    sync=False skips the fsync, for a file that is only a staging copy (a Ray trial's checkpoint folder,
+    which Ray copies into the run folder): waiting for the disk there bought no durability."""
     path = Path(path)
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -35,7 +37,8 @@ def save_atomic(state: dict, path: str | os.PathLike) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(buffer.getbuffer())
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

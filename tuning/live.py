@@ -67,14 +67,18 @@ class TrialCounts(Callback):
 
     def __init__(self, run: str, base: dict):
         self.run, self.base, self._last = run, base, 0.0
+        self._ended: dict[str, str] = {}   # trial id -> status of an ended trial (it no longer changes)
 
     def on_step_begin(self, iteration, trials, **info):
         if time.monotonic() - self._last < 2.0:
             return
         self._last = time.monotonic()
         counts = dict.fromkeys(("pending", "running", "completed", "stopped", "diverged", "error"), 0)
-        for t in trials:
-            counts[self._status(t)] += 1
+        for t in trials:   # every couple of seconds over every trial: an ended one is worked out once
+            status = self._ended.get(t.trial_id) or self._status(t)
+            if str(t.status).lower() in ("terminated", "error"):
+                self._ended[t.trial_id] = status
+            counts[status] += 1
         gauge = _gauge("trials", "trials of the search by status", ("run", "status"))
         for status, n in counts.items():
             gauge.set(n, tags={"run": self.run, "status": status})

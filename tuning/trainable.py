@@ -103,7 +103,7 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
             return
         try:
             with tempfile.TemporaryDirectory() as d:
-                ckpt.save_atomic(state, os.path.join(d, layout.CHECKPOINT_STATE))
+                ckpt.save_atomic(state, os.path.join(d, layout.CHECKPOINT_STATE), sync=False)   # Ray copies it
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         except OSError as e:
             line = (f"[{trial_id}] cannot write the epoch-{metrics['epoch']:g} checkpoint into {run_dir or 'the run folder'} "
