@@ -18,8 +18,10 @@ _FRONT = {"pareto": (("top1", "max"), ("macs_ratio", "min")), "pareto_density": 
 
 def front_trials(df: pd.DataFrame, rule: str) -> list[str]:
     """Trial ids `search.confirm.front` selects among the finished trials of the search (replicas and
-    trials that were stopped, diverged or errored never count), best top1 first. df needs trial_id,
-    status, top1, macs_ratio, density, and confirms when replicas exist."""
+    trials that were stopped, diverged or errored never count), best top1 first, then the best dense
+    trial (target density 1.0 or nothing gated) when it is not among them: the baseline the front is
+    compared with needs its mean over seeds too. df needs trial_id, status, top1, macs_ratio, density,
+    and confirms when replicas exist, target_density and gated_layers for the baseline."""
     from ._table import pareto_mask
     done = df[(df["status"] == "completed") & df["top1"].notna()]
     if "confirms" in done:
@@ -27,7 +29,15 @@ def front_trials(df: pd.DataFrame, rule: str) -> list[str]:
     top = re.fullmatch(r"top (\d+)", rule)
     chosen = done if top else done[pareto_mask(done, _FRONT[rule])]
     chosen = chosen.sort_values(["top1", "trial_id"], ascending=[False, True], kind="stable")
-    return list(chosen["trial_id"][: int(top.group(1))] if top else chosen["trial_id"])
+    ids = list(chosen["trial_id"][: int(top.group(1))] if top else chosen["trial_id"])
+    if "target_density" in done:
+        dense = pd.to_numeric(done["target_density"], errors="coerce").ge(1.0)
+        if "gated_layers" in done:
+            dense |= done["gated_layers"].astype(str).str.lower().eq("none")
+        best = done[dense].sort_values(["top1", "trial_id"], ascending=[False, True], kind="stable")
+        if len(best) and best["trial_id"].iloc[0] not in ids:
+            ids.append(best["trial_id"].iloc[0])
+    return ids
 
 
 def add_seed_stats(out: pd.DataFrame, rule: str | None) -> pd.DataFrame:

@@ -394,3 +394,9 @@ def test_front_trials_follow_the_confirm_rule():
     assert front_trials(df, "pareto") == ["b", "a", "c"]           # d is dominated; e stopped; f is a replica
     assert front_trials(df, "pareto_density") == ["b", "a", "c"]
     assert front_trials(df, "top 2") == ["b", "a"]
+    # the best dense trial joins as the baseline of the comparison (b is dense and selected already)
+    df["target_density"], df["gated_layers"] = [0.5, 1.0, 0.25, 1.0, 0.1, 1.0], ["all"] * 6
+    assert front_trials(df, "top 1") == ["b"]
+    df.loc[df.trial_id == "b", "gated_layers"] = "all"
+    df.loc[df.trial_id == "b", "target_density"] = 0.8
+    assert front_trials(df, "top 1") == ["b", "d"]

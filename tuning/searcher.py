@@ -17,7 +17,7 @@ restored study. (An SQLite study written live goes ahead of the snapshot it is r
 driver crash it would hold trials the restored searcher never heard of.)
 
 With search.confirm, once every search trial has ended, the finished trials the confirm rule selects
-(results.front_trials: pareto, pareto_density or top K) train again with seeds + 1, ..., as further
+(results.front_trials: pareto, pareto_density or top K, and the best dense trial) train again with seeds + 1, ..., as further
 Ray trials whose config names the trial they repeat under `confirms` (schedulers never stop those).
 The searcher's state, the study and the replicas it has handed out, is saved with Ray's experiment
 snapshots, so a resumed search hands out no seed twice.
@@ -114,8 +114,12 @@ class StudySearch(Searcher):
             return
         result = result or {}
         status = "error" if error else self._ending(trial_id, result)
+        config = trial_config(self.base, self.params[trial_id])
+        gate = get_dotted(config, "gating.gate")
         self.ended[trial_id] = {"trial_id": trial_id, "status": status,
-                                **{k: result.get(k) for k in ("top1", "macs_ratio", "density")}}
+                                **{k: result.get(k) for k in ("top1", "macs_ratio", "density")},
+                                "target_density": get_dotted(config, "gating.density"),
+                                "gated_layers": ",".join(map(str, gate)) if isinstance(gate, list) else str(gate)}
         if status != "error":
             self._report(trial_id, result, trial)   # the result that ended it never reached on_trial_result
         if status == "completed":

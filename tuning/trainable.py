@@ -24,6 +24,7 @@ import traceback
 from pathlib import Path
 
 from gatetune.core import layout
+from gatetune.core.errors import UserError
 from gatetune.tuning import checkpoint as ckpt
 from gatetune.tuning import config as C
 from gatetune.tuning import live
@@ -116,6 +117,9 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
         fit_any(cfg, report, resume=resume, gpus=len(ray.get_gpu_ids()), threads=max(1, int(cpus)), cached=True)
     except CheckpointWriteError:
         raise   # its one line is in the worker log already
+    except UserError as e:   # e.g. this node lacks the data: one line, as the command line would print it
+        print(f"[{trial_id}] error: {e}", file=sys.stderr, flush=True)
+        raise
     except Exception:
         traceback.print_exc(file=sys.stderr)   # into the worker log, beside the trial's error.txt
         sys.stderr.flush()
