@@ -8,6 +8,8 @@ gatetune's own files:
     <run>/decisions.jsonl          one line per early stop: trial_id, stopped_by, epoch, top1
     <run>/report.csv, report.md, pareto.png          written at the end, and by `gatetune report`
     <run>/tuner.pkl, experiment_state-*.json, searcher-state-*.pkl   Ray Tune's
+    <run>/.state/                  a copy of Ray Tune's last complete snapshot, put back by `gatetune resume`
+                                      when a full disk cut the newest one short (folders on a filesystem)
     <run>/trial_<id>/              one trial: params.json (its sampled keys; a seed replica's also hold
                                       `seed` and `confirms`: the trial it repeats), result.json (one line per epoch),
         checkpoint_NNNNNN/state.pt    its epoch checkpoints (Ray keeps the best few and the newest),
@@ -30,6 +32,7 @@ REPORT_MD = "report.md"
 PARETO_PNG = "pareto.png"
 TUNER = "tuner.pkl"
 EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
+STATE_COPY = ".state"                   # a copy of Ray Tune's last complete snapshot (local folders)
 STORAGE_MARKER = ".gatetune_marker"     # written by the driver, looked for by every node
 
 CONFIRMS = "confirms"                   # in a seed replica's params: the trial id whose config it repeats

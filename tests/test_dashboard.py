@@ -126,6 +126,13 @@ def test_dashboard_shows_trials_logs_metrics_and_the_job(tmp_path, monkeypatch, 
         assert "gatetune search dash" in listed
         # (e) a real Prometheus server scraping the nodes answered a query for the trials' top-1
         if probe.prometheus is not None:
+            # its first scrapes may come after the search's last result: ask over the last minutes, where
+            # the series of finished trials (marked stale by later scrapes) still hold their last sample
+            deadline = time.time() + 60
+            while not probe.answered and time.time() < deadline:
+                for r in probe.prometheus.query('last_over_time(ray_gatetune_top1{run="dash"}[10m])'):
+                    probe.answered[r["metric"]["trial_id"]] = float(r["value"][1])
+                time.sleep(1)
             assert probe.answered and set(probe.answered) <= trials, probe.answered
     finally:
         if probe.prometheus is not None:

@@ -10,7 +10,7 @@ PACKAGES = {"core": "gatetune.core", "models": "gatetune.models", "tuning": "gat
             "results": "gatetune.results"}
 # A module may import gatetune modules of a strictly lower rank, and its own package (same prefix).
 RANK = {"gatetune.core": 0, "gatetune.models": 1, "gatetune.results": 1, "gatetune.tuning.data": 2,
-        "gatetune.tuning.checkpoint": 2, "gatetune.tuning.schedulers": 2, "gatetune.tuning.health": 2, "gatetune.tuning.live": 2, "gatetune.tuning.cluster": 2,
+        "gatetune.tuning.checkpoint": 2, "gatetune.tuning.schedulers": 2, "gatetune.tuning.health": 2, "gatetune.tuning.live": 2, "gatetune.tuning.snapshot": 2, "gatetune.tuning.cluster": 2,
         "gatetune.tuning.config": 3, "gatetune.tuning.space": 4, "gatetune.tuning.train": 4,
         "gatetune.tuning.console": 4, "gatetune.tuning.searcher": 5, "gatetune.tuning.ddp": 5, "gatetune.tuning.evaluate": 5,
         "gatetune.tuning.distributed": 6, "gatetune.tuning.trainable": 7, "gatetune.tuning.run": 7,

@@ -54,6 +54,9 @@ def connect(address: str | None, dashboard_host: str = "127.0.0.1", metadata: di
     # Snapshot the experiment (trial list + searcher state) every 2 s, not Ray's 10 s or more: a driver that
     # dies loses the trials started since the last snapshot, and a resumed search would run them again.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    # Ray keeps a record of every checkpoint of a trial (gatetune prunes the folders itself): the score
+    # alone in each, not the whole result (4 KB an epoch in every snapshot)
+    os.environ.setdefault("TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE", "1")
     if ray.is_initialized():
         return None
     if address and address != "auto":

@@ -36,6 +36,7 @@ from gatetune.tuning import schedulers
 from gatetune.tuning import space as S
 from gatetune.tuning.console import Console, summary
 from gatetune.tuning.live import TrialCounts
+from gatetune.tuning.snapshot import KeepState, recover
 
 
 def _run_dir(storage: str | None, name: str) -> str:
@@ -151,7 +152,8 @@ def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_act
             name=name, storage_path=parent, verbose=2 if verbose else 0,
             failure_config=tune.FailureConfig(max_failures=srch.max_failures),
             callbacks=[Console(plan.max_epochs), TrialCounts(cfg.name, plan.base),
-                       PruneCheckpoints(cfg.train.keep_checkpoints), *callbacks]),
+                       PruneCheckpoints(cfg.train.keep_checkpoints), *([] if store.remote else [KeepState(run_dir)]),
+                       *callbacks]),
     )
 
 
@@ -241,6 +243,8 @@ def resume_search(run_dir: str, *, address: str | None = None, dashboard_host: s
     cfg = C.load_dict(base, default_file=str(base_file))
     C.check_environment(cfg, file=str(base_file))
     plan = S.prepare(cfg, str(base_file), start=False)
+    if not store.remote and (line := recover(run_dir)):
+        print(line, file=sys.stderr)
     cluster.quiet(verbose)
     dashboard = cluster.connect(address, dashboard_host, cluster.job_metadata(
         cfg.name, run_dir, str(base_file), plan.trials, cfg.search.confirm))

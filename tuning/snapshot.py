@@ -1,0 +1,146 @@
+"""A copy of a search's last complete state, for run folders on a disk that can fill up.
+
+Ray Tune snapshots a search into its run folder (experiment_state-*.json, search_gen_state-*.json,
+searcher-state-*.pkl, callback-states-*.pkl) by copying the new files over the old ones in place. When the
+disk fills during that copy, the search's only state is cut short; `Tuner.restore` then logs the error and
+starts the search afresh: finished trials forgotten, new ones sampled, the run folder mixed.
+
+    KeepState(run_dir)   a Tune callback: each time the snapshot files are complete and have changed, copies
+                         them, gzipped (a seventh of their size), into <run>/.state/ (a new folder renamed into
+                         place, so a failed copy leaves the previous one), taking at most a twentieth of the
+                         driver's time
+    recover(run_dir)     before a resume: if the newest snapshot is cut short, sets the newest files aside
+                         (renamed *.cut-short) and puts the copy back; a UserError if there is no copy
+
+Only folders on a filesystem need this: object stores (s3://, gs://) write a whole object or nothing.
+"""
+from __future__ import annotations
+
+__all__ = ["KeepState", "recover", "STATE_PATTERNS"]
+
+import fnmatch
+import gzip
+import json
+import os
+import pickle
+import shutil
+import time
+
+from ray.tune import Callback
+
+from gatetune.core import layout
+from gatetune.core.errors import UserError
+
+STATE_PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl",
+                  "callback-states-*.pkl")
+COPY_SHARE = 0.05   # of the driver's time spent copying, at most
+
+
+def _newest(run_dir: str) -> list[str]:
+    """The newest file of each snapshot kind (Ray names them by session time, which sorts as text)."""
+    names = os.listdir(run_dir)
+    return [max(found) for p in STATE_PATTERNS if (found := fnmatch.filter(names, p))]
+
+
+def _session(name: str) -> str:
+    """The session time in a snapshot file's name (`experiment_state-2026-11-25_17-37-38.json`)."""
+    for p in STATE_PATTERNS:
+        head, tail = p.split("*")
+        if name.startswith(head) and name.endswith(tail):
+            return name[len(head):-len(tail)]
+    return ""
+
+
+def _ends_whole(path: str) -> bool:
+    """Cheap: a JSON snapshot ends with `}`, a pickle (search_gen_state-*.json is one too) with its STOP opcode."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1)
+            f.seek(max(0, os.path.getsize(path) - 64))
+            tail = f.read().rstrip()
+    except OSError:
+        return False
+    return tail.endswith(b"." if head == b"\x80" else b"}")
+
+
+def _loads(path: str) -> bool:
+    """Thorough, for a resume: the file (or its gzipped copy, *.gz) parses, as a pickle or as JSON."""
+    try:
+        with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
+            data = f.read()
+        pickle.loads(data) if data[:1] == b"\x80" else json.loads(data)
+        return True
+    except Exception:   # noqa: BLE001  (any failure to read or parse means: cut short)
+        return False
+
+
+class KeepState(Callback):
+    """Copies the newest complete snapshot into <run>/.state/ as the search runs (see the module)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self._copied: tuple = ()
+        self._next = 0.0
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() < self._next:
+            return
+        started = time.monotonic()
+        try:
+            self._copy()
+        except OSError:
+            pass   # a full disk: the previous copy stays, and the next step tries again
+        spent = time.monotonic() - started
+        self._next = started + max(1.0, spent / COPY_SHARE)
+
+    def on_experiment_end(self, trials, **info):
+        self._next = 0.0
+        try:
+            self._copy()
+        except OSError:
+            pass
+
+    def _copy(self) -> None:
+        files = [os.path.join(self.run_dir, n) for n in _newest(self.run_dir)]
+        stats = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
+        if not files or stats == self._copied or not all(_ends_whole(f) for f in files):
+            return
+        new, keep, old = (os.path.join(self.run_dir, n) for n in (".state.new", layout.STATE_COPY, ".state.old"))
+        shutil.rmtree(new, ignore_errors=True)
+        os.mkdir(new)
+        try:
+            for f in files:
+                with open(f, "rb") as src, gzip.open(os.path.join(new, os.path.basename(f) + ".gz"), "wb", 1) as dst:
+                    shutil.copyfileobj(src, dst)
+            again = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
+            if again != stats or not all(_ends_whole(f) for f in files):
+                return   # Ray was rewriting them: the next step copies the finished ones
+            if os.path.isdir(keep):
+                os.rename(keep, old)
+            os.rename(new, keep)
+            shutil.rmtree(old, ignore_errors=True)
+            self._copied = stats
+        finally:
+            shutil.rmtree(new, ignore_errors=True)
+
+
+def recover(run_dir: str) -> str | None:
+    """Before a resume of a folder on a filesystem: puts the kept copy back if the newest snapshot is cut
+    short; returns a line saying so, or None when the snapshot is whole."""
+    if all(_loads(os.path.join(run_dir, n)) for n in _newest(run_dir)):
+        return None
+    copy = next((d for d in (os.path.join(run_dir, layout.STATE_COPY), os.path.join(run_dir, ".state.old"))
+                 if os.path.isdir(d) and os.listdir(d)), None)
+    if copy is None or not all(_loads(os.path.join(copy, n)) for n in os.listdir(copy)):
+        raise UserError("the search's state was cut short (a full disk?) before a complete copy of it was kept; "
+                        "start the search again with `gatetune search CONFIG --name NEW`", file=run_dir)
+    kept = [n.removesuffix(".gz") for n in os.listdir(copy)]
+    first = min(_session(n) for n in kept)   # the copy's session: files of later sessions are set aside too
+    for name in os.listdir(run_dir):
+        if _session(name) and (name in kept or _session(name) > first):
+            os.replace(os.path.join(run_dir, name), os.path.join(run_dir, name + ".cut-short"))
+    for name in kept:
+        with gzip.open(os.path.join(copy, name + ".gz"), "rb") as src, open(os.path.join(run_dir, name), "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return (f"{run_dir}: the search's newest state was cut short (a full disk?); resuming from the copy kept at "
+            f"{time.strftime('%H:%M:%S', time.localtime(os.path.getmtime(copy)))} (the cut files renamed *.cut-short)")
