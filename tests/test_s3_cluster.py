@@ -49,19 +49,22 @@ class LoopbackCluster:
     """A head and a worker node on this machine (`ray start`, one CPU each, every port distinct), stopped by
     killing exactly its own processes (never `ray stop`, which would stop every Ray on the machine)."""
 
-    def __init__(self):
+    def __init__(self, worker: bool = True, dashboard: bool = False):
+        """worker=False: the head alone (with two CPUs); dashboard: the head runs Ray's dashboard and job
+        server on 127.0.0.1 (self.dashboard is its URL)."""
         self.tmp = tempfile.mkdtemp(prefix="gt-ray-")
         self.port = free_port()
         ports = [free_port() for _ in range(16)]
-        common = ["--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats"]
+        common = ["--object-store-memory=100000000", "--disable-usage-stats"]
+        self.dashboard = f"http://127.0.0.1:{ports[0]}"
         head = ["start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.port}", f"--temp-dir={self.tmp}",
-                "--include-dashboard=false",
+                f"--include-dashboard={'true' if dashboard else 'false'}", "--dashboard-host=127.0.0.1",
                 f"--dashboard-port={ports[0]}", f"--ray-client-server-port={ports[1]}", *self._node_ports(ports[2:8]),
-                "--min-worker-port=21000", "--max-worker-port=21099", *common]
+                "--min-worker-port=21000", "--max-worker-port=21099", f"--num-cpus={1 if worker else 2}", *common]
         self.worker_manager_port = ports[8]
-        worker = ["start", f"--address=127.0.0.1:{self.port}", "--node-ip-address=127.0.0.1",
-                  *self._node_ports(ports[8:14]), "--min-worker-port=21100", "--max-worker-port=21199", *common]
-        for args in (head, worker):
+        workers = [["start", f"--address=127.0.0.1:{self.port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                    *self._node_ports(ports[8:14]), "--min-worker-port=21100", "--max-worker-port=21199", *common]]
+        for args in [head, *workers[:int(worker)]]:
             r = subprocess.run([*RAY, *args], env=_env(), capture_output=True, text=True, timeout=180)
             if r.returncode:
                 self.stop()
