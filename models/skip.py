@@ -58,8 +58,6 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock
-from torchvision.models.squeezenet import Fire
 
 from gatetune.models.errors import ModelError
 from gatetune.models.gate import GatedConv2d
@@ -98,10 +96,9 @@ def _run(m: nn.Module, t: torch.Tensor, idx: torch.Tensor | None, c: int):
         return (t.relu_() if m.inplace else t.relu()), idx, c
     if isinstance(m, _ZERO_PRESERVING):
         return m(t), idx, c
-    if isinstance(m, BasicBlock):
-        return _basic_block(m, t, idx, c)
-    if isinstance(m, Fire):
-        return _fire(m, t, idx, c)
+    for block, run in _BLOCKS:
+        if isinstance(m, block):
+            return run(m, t, idx, c)
     y = m(expand(t, idx, c))   # anything else reads the full-width tensor
     return y, None, y.shape[1]
 
@@ -167,6 +164,18 @@ class _Trial:
         self.samples: dict[tuple, dict[str, list[float]]] = {}   # (gate, input key) -> variant -> seconds
 
 
+# torchvision's blocks that run compact inside: filled by the first SkipNet, so that importing gatetune.models
+# does not import torchvision (0.8 s in every process: the driver and each trial's worker)
+_BLOCKS: list[tuple[type, Callable]] = []
+
+
+def _load_blocks() -> None:
+    if not _BLOCKS:
+        from torchvision.models.resnet import BasicBlock
+        from torchvision.models.squeezenet import Fire
+        _BLOCKS.extend([(BasicBlock, _basic_block), (Fire, _fire)])
+
+
 class SkipNet(nn.Module):
     """Channel-skipping eval-only copy of a GatedNet; forward(x (N, C, H, W)) -> logits, N batch-1 passes.
 
@@ -185,6 +194,7 @@ class SkipNet(nn.Module):
 
     def __init__(self, net: nn.Module, kernel: bool = True, force: str | None = None):
         super().__init__()
+        _load_blocks()
         gates = [m for m in net.modules() if isinstance(m, GatedConv2d)]
         if not gates:
             raise ModelError("the network has no gated conv: nothing to skip (run it as it is)")

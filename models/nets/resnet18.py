@@ -5,7 +5,6 @@ before the add). Works at any input >= 32 (adaptive average pool).
 """
 from __future__ import annotations
 
-from torchvision.models import resnet18 as tv_resnet18
 
 from gatetune.models.nets._common import replace_stem
 from gatetune.models.registry import ModelEntry, register
@@ -13,6 +12,7 @@ from gatetune.models.sites import Site
 
 
 def resnet18(num_classes: int = 1000, in_channels: int = 3, input_size: int = 224):
+    from torchvision.models import resnet18 as tv_resnet18
     return replace_stem(tv_resnet18(num_classes=num_classes), "conv1", in_channels)
 
 

@@ -9,7 +9,6 @@ site names are the module paths.
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 from gatetune.models.nets._common import init_weights
 from gatetune.models.registry import ModelEntry, register
@@ -21,6 +20,7 @@ _STAGES = [(16, 3, 1), (32, 3, 2), (64, 3, 2)]
 
 class ResNet20(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 3, input_size: int = 32):
+        from torchvision.models.resnet import BasicBlock   # here: importing torchvision costs 0.8 s a process
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)

@@ -7,7 +7,6 @@ torchvision's conv paths (`features.3.expand1x1`) are aliases too. The final 1x1
 """
 from __future__ import annotations
 
-from torchvision.models import squeezenet1_1
 
 from gatetune.models.nets._common import replace_stem
 from gatetune.models.registry import ModelEntry, register
@@ -18,6 +17,7 @@ _CONVS = {"squeeze": "squeeze", "expand1": "expand1x1", "expand3": "expand3x3"} 
 
 
 def squeezenet_v11(num_classes: int = 1000, in_channels: int = 3, input_size: int = 224):
+    from torchvision.models import squeezenet1_1
     return replace_stem(squeezenet1_1(num_classes=num_classes), "features.0", in_channels)
 
 

@@ -5,7 +5,6 @@ and `convB` for all convs of block B. The three classifier Linears are not sites
 """
 from __future__ import annotations
 
-from torchvision.models import vgg16_bn as tv_vgg16_bn
 
 from gatetune.models.nets._common import replace_stem
 from gatetune.models.registry import ModelEntry, register
@@ -15,6 +14,7 @@ _BLOCKS = [2, 2, 3, 3, 3]  # convs per block; each conv is (conv, BN, ReLU) and 
 
 
 def vgg16_bn(num_classes: int = 1000, in_channels: int = 3, input_size: int = 224):
+    from torchvision.models import vgg16_bn as tv_vgg16_bn
     return replace_stem(tv_vgg16_bn(num_classes=num_classes), "features.0", in_channels)
 
 
