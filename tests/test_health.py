@@ -1,4 +1,6 @@
 """Gating health (tuning/health.py) from the eval-mode selection counts of a GatedNet."""
+import json
+
 import pytest
 import torch
 
@@ -24,7 +26,9 @@ def test_constant_saliency_is_static():
         torch.nn.init.zeros_(g.predictor.weight)
     m = _evaluate(net)
     assert m["gate_health"] == "static" and m["dynamic"] == 0
-    assert all(m[f"dead/{s}"] == 0.5 and m[f"always/{s}"] == 0.5 for s in net.gates)
+    sites = json.loads(m["gate_sites"])
+    assert set(sites) == set(net.gates)
+    assert all(h == {"dynamic": 0.0, "dead": 0.5, "always": 0.5} for h in sites.values()), sites
     assert m["gate_health_detail"].startswith("100% of gated channels static")
 
 

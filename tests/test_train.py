@@ -82,6 +82,12 @@ def test_eval_and_layers_cli(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "e" / "checkpoints" / "epoch_001.pt")]) == 0
     out = capsys.readouterr().out
     assert "top1:" in out and "density: 50.00%" in out and "[360 images]" in out
+    assert "gate_health: " in out
+    rows = out[out.index("site "):].splitlines()[1:7]   # the per-site health table: one row per site
+    assert [r.split()[0] for r in rows] == [f"conv{i}" for i in range(1, 7)], out
+    for r in rows:   # density, dynamic, dead, always (the last three add up to 100%)
+        d, dyn, dead, always = (float(v.rstrip("%")) for v in r.split()[1:5])
+        assert d == pytest.approx(50, abs=1) and dyn + dead + always == pytest.approx(100, abs=0.2), r
     assert main(["layers", "squeezenet_v11"]) == 0
     out = capsys.readouterr().out
     assert "fire6.expand3" in out and "C_in" in out

@@ -12,6 +12,7 @@ User mistakes print one line (file, key, fix) and exit with status 2 before any 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -87,13 +88,13 @@ def _eval(a) -> None:
     m = eval_checkpoint(a.checkpoint, a.overrides)
     print(f"top1: {m['top1']:.2f}%, top5: {m['top5']:.2f}%, density: {100 * m['density']:.2f}%, "
           f"macs: {m['macs']:.4g} ({100 * m['macs_ratio']:.1f}% of dense) [{m['images']} images]")
-    sites = [k.split("/", 1)[1] for k in m if k.startswith("dynamic/")]
+    sites = json.loads(m.get("gate_sites") or "{}")
     detail = f" ({m['gate_health_detail']})" if m.get("gate_health_detail") else ""
     print(f"gate_health: {m.get('gate_health', 'n/a')}{detail}")
     if sites:
         print(f"{'site':<24} {'density':>8} {'dynamic':>8} {'dead':>8} {'always':>8}")
-        for s in sites:
-            print(f"{s:<24} " + " ".join(f"{100 * m[f'{k}/{s}']:7.1f}%" for k in ("density", "dynamic", "dead", "always")))
+        for s, h in sites.items():
+            print(f"{s:<24} {100 * m[f'density/{s}']:7.1f}% " + " ".join(f"{100 * h[k]:7.1f}%" for k in ("dynamic", "dead", "always")))
     if m["latency_ratio"] is None:
         print(f"latency_ratio: n/a ({m['latency_note']})")
     else:

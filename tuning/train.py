@@ -32,7 +32,7 @@ from gatetune.tuning import config as C
 from gatetune.tuning.data import Data, load as load_data
 from gatetune.tuning.health import health_metrics
 
-# Every epoch reports these (plus density/<site>, and dynamic/, dead/, always/<site>); reports and ASHA
+# Every epoch reports these (plus density/<site>, and gate_sites: per-site health as JSON); reports and ASHA
 # rely on the names.
 METRICS = ("epoch", "top1", "top5", "loss", "gate_loss", "density", "macs", "macs_ratio", "lr",
            "images_per_s", "node", "diverged", "dynamic", "gate_health", "gate_health_detail")
