@@ -62,12 +62,13 @@ def _index(items: list, part: str, parts: list[str]) -> int:
     return int(part)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"gating": {"density": 0.5}} -> {"gating.density": 0.5}; lists and empty dicts are values."""
+def flatten(tree: dict, prefix: str = "", sep: str = ".") -> dict:
+    """{"gating": {"density": 0.5}} -> {"gating.density": 0.5}; lists and empty dicts are values. sep="/"
+    names them as Ray Tune's results and pandas.json_normalize(sep="/") do (`outer/inner`)."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}{sep}", sep))
         else:
             flat[f"{prefix}{key}"] = value
     return flat

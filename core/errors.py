@@ -8,7 +8,7 @@ tuning.data.DataError, results.ReportError); a checkpoint that cannot be read is
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "CheckpointError", "nearest", "one_line"]
+__all__ = ["UserError", "CheckpointError", "nearest", "one_line", "first_line", "short_repr"]
 
 import difflib
 from collections.abc import Iterable
@@ -40,6 +40,19 @@ _BREAKS = {c: repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 def one_line(text: str) -> str:
     """text with every line-breaking character written as its escape (\\n, \\x85, ...)."""
     return text.translate(str.maketrans(_BREAKS)) if any(c in text for c in _BREAKS) else text
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most `limit` characters ("" when it has none): what a
+    one-line error quotes of a library's multi-line message."""
+    text = str(e)
+    return text.splitlines()[0][:limit] if text else ""
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """repr of a value, cut to one short line (a hostile file's values can be huge)."""
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _rebuild(cls, message, file, key):

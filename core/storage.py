@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from gatetune.core import layout
-from gatetune.core.errors import UserError
+from gatetune.core.errors import UserError, first_line
 
 
 def is_remote(where: str | os.PathLike) -> bool:
@@ -177,5 +177,4 @@ def _join(root: str, rel: str) -> str:
 
 
 def _oneline(e: BaseException) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text[:200]
+    return first_line(e) or type(e).__name__

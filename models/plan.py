@@ -25,7 +25,7 @@ import torch
 
 from gatetune.models.kernel import SOURCE, cache_dir, cpu_name
 
-__all__ = ["calibrate", "cached_choice", "choose", "plan_file", "time_call"]
+__all__ = ["calibrate", "cached_choice", "choose", "plan_file", "time_call", "timed"]
 
 _LOCK = threading.Lock()
 _MEMORY: dict[str, dict] = {}
@@ -81,15 +81,20 @@ def _record(signature: str, entry: dict) -> None:
             pass   # a read-only home: the choice still holds for this process
 
 
-def time_call(fn: Callable[[], object], sync: bool = False) -> float:
-    """Seconds one call of fn takes (with a CUDA synchronize before and after when sync)."""
+def timed(fn: Callable[[], object], sync: bool = False) -> tuple[object, float]:
+    """(fn(), seconds the call took), with a CUDA synchronize before and after when sync."""
     if sync:
         torch.cuda.synchronize()
     t = time.perf_counter()
-    fn()
+    out = fn()
     if sync:
         torch.cuda.synchronize()
-    return time.perf_counter() - t
+    return out, time.perf_counter() - t
+
+
+def time_call(fn: Callable[[], object], sync: bool = False) -> float:
+    """Seconds one call of fn takes (with a CUDA synchronize before and after when sync)."""
+    return timed(fn, sync)[1]
 
 
 def calibrate(signature: str, variants: dict[str, Callable[[], object]], *, sync: bool = False,

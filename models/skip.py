@@ -51,9 +51,9 @@ from __future__ import annotations
 import copy
 import statistics
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,7 @@ from torch import nn
 from gatetune.models.errors import ModelError
 from gatetune.models.gate import GatedConv2d
 from gatetune.models.kernel import load as load_kernel
-from gatetune.models.plan import choose
+from gatetune.models.plan import choose, time_call
 from gatetune.models.skip_gate import SkipGate, expand, folded
 
 __all__ = ["SkipNet", "dense_net", "measure_latency", "time_interleaved"]
@@ -308,13 +308,7 @@ def time_interleaved(fns: dict[str, Callable[[torch.Tensor], object]], inputs: I
         for r in range(warmup + rounds):
             for x in inputs:
                 for name, fn in fns.items():
-                    if sync:
-                        torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    fn(x)
-                    if sync:
-                        torch.cuda.synchronize()
-                    dt = time.perf_counter() - t
+                    dt = time_call(partial(fn, x), sync)
                     if r >= warmup:
                         times[name].append(dt)
     return times

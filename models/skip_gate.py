@@ -7,7 +7,6 @@ __all__ = ["SkipGate", "expand", "folded", "padded", "CONVS"]
 
 import ctypes
 import functools
-import time
 from collections.abc import Callable
 import torch
 import torch.nn.functional as F
@@ -15,7 +14,7 @@ from torch import nn
 from gatetune.models.errors import ModelError
 from gatetune.models.gate import GatedConv2d
 from gatetune.models.kernel import PAD, GateSpec, load as load_kernel
-from gatetune.models.plan import cached_choice, calibrate
+from gatetune.models.plan import cached_choice, calibrate, timed
 
 
 def expand(t: torch.Tensor, idx: torch.Tensor | None, channels: int) -> torch.Tensor:
@@ -220,14 +219,8 @@ class SkipGate(nn.Module):
             return self.settle(key, choice)(t, idx)
         names = list(cands)
         name = names[(trial.round + trial.offset[id(self)]) % len(names)]
-        sync = t.device.type == "cuda"
-        if sync:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = cands[name](t, idx)
-        if sync:
-            torch.cuda.synchronize()
-        trial.samples.setdefault((self, key), {n: [] for n in names})[name].append(time.perf_counter() - start)
+        out, dt = timed(functools.partial(cands[name], t, idx), sync=t.device.type == "cuda")
+        trial.samples.setdefault((self, key), {n: [] for n in names})[name].append(dt)
         return out
 
     def settle(self, key: tuple, choice: str) -> Callable:

@@ -223,22 +223,11 @@ def _history(folder: Path | None, trial_id: str) -> list[dict]:
         record.pop("trial_id", None)
         iteration = record.get("training_iteration", ("line", n))
         by_iteration.pop(iteration, None)   # the last line per iteration wins, in the place it was written
-        by_iteration[iteration] = {"trial_id": trial_id, **_flat(record)}
+        by_iteration[iteration] = {"trial_id": trial_id, **flatten(record, sep="/")}
     ordered = by_iteration.values()
     if all(isinstance(i, (int, float)) and not isinstance(i, bool) for i in by_iteration):
         ordered = (by_iteration[i] for i in sorted(by_iteration))
     return list(ordered)
-
-
-def _flat(record: dict, prefix: str = "") -> dict:
-    """Nested dicts as `outer/inner` keys (as pandas.json_normalize(sep="/") names them)."""
-    out = {}
-    for key, value in record.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}/"))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _trial_row(run: Run, tid: str, folder: Path | None, config: dict, last: dict | None) -> dict:

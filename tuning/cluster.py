@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from gatetune.core import layout
-from gatetune.core.errors import UserError
+from gatetune.core.errors import UserError, first_line
 
 
 def job_metadata(run_name: str, run_dir: str, config_file: str | None, trials: int, confirm=None) -> dict[str, str]:
@@ -69,7 +69,7 @@ def connect(address: str | None, dashboard_host: str = "127.0.0.1", metadata: di
             context = ray.init(address="local", dashboard_host=dashboard_host, log_to_driver=False,
                                include_dashboard=None, job_config=job)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
-        msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        msg = first_line(e, 160) or type(e).__name__
         raise UserError(f"cannot reach a Ray cluster at {address!r} ({msg}); start one with "
                         "`ray start --head` or fix the address", file="command line", key="--address") from None
     url = getattr(context, "dashboard_url", None)

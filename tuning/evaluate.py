@@ -17,7 +17,7 @@ import torch
 
 from gatetune.core import layout
 from gatetune.core.dotted import set_dotted
-from gatetune.core.errors import CheckpointError, UserError
+from gatetune.core.errors import CheckpointError, UserError, first_line
 from gatetune.core.storage import RunStore
 from gatetune.tuning import checkpoint as ckpt
 from gatetune.tuning import config as C
@@ -102,7 +102,7 @@ def pareto_latency(run_dir: str | Path, images: int = 8, rounds: int = 2) -> int
             m = measure_latency(net, data, images, rounds)
         except Exception as e:   # noqa: BLE001  (a report must not fail for want of a latency)
             print(f"latency_ratio of trial {row['trial_id']} not measured: {type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:160] if str(e) else ''}")
+                  f"{first_line(e, 160)}")
             continue
         if m["latency_ratio"] is None:
             continue

@@ -28,7 +28,7 @@ import yaml
 from ray.tune import Callback
 
 from gatetune.core import layout
-from gatetune.core.errors import UserError
+from gatetune.core.errors import UserError, first_line
 from gatetune.core.storage import RunStore
 from gatetune.tuning import cluster
 from gatetune.tuning import config as C
@@ -85,7 +85,7 @@ def _fit(tuner, run_dir: str):
         return tuner.fit()
     except (OSError, EOFError) as e:
         raise UserError(f"the run folder could not be written or read back ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''}); free space or fix the folder, then "
+                        f"{first_line(e)}); free space or fix the folder, then "
                         f"`gatetune resume {run_dir}`", file=run_dir) from None
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from gatetune.core.dotted import config_diff, get_dotted, set_dotted
-from gatetune.core.errors import UserError, nearest
+from gatetune.core.errors import UserError, nearest, short_repr
 from gatetune.tuning import config as C
 
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice", "grid")
@@ -75,7 +75,7 @@ def parse_space(space: dict, config_keys: list[str], file: str) -> list[Param]:
         if key_pattern(key) not in config_keys and not key.startswith("gating.sites."):
             raise UserError(f"{key!r} is not a config key; {nearest(key, config_keys)}", file=file, key=where)
         if not isinstance(spec, dict):
-            raise UserError(f"expected a distribution like {{choice: [a, b]}}, got {_short(spec)}", file=file, key=where)
+            raise UserError(f"expected a distribution like {{choice: [a, b]}}, got {short_repr(spec)}", file=file, key=where)
         spec = dict(spec)
         when = spec.pop("when", {}) or {}
         if len(spec) != 1:
@@ -91,7 +91,7 @@ def parse_space(space: dict, config_keys: list[str], file: str) -> list[Param]:
 def _check_args(kind: str, args, file: str, where: str) -> tuple:
     if kind in ("choice", "grid"):
         if not isinstance(args, list) or not args:
-            raise UserError(f"{kind} needs a non-empty list of values, got {_short(args)}", file=file, key=where)
+            raise UserError(f"{kind} needs a non-empty list of values, got {short_repr(args)}", file=file, key=where)
         if len(args) > MAX_VALUES:
             raise UserError(f"{kind} lists {len(args)} values (at most {MAX_VALUES}); use a range (uniform, int)",
                             file=file, key=where)
@@ -100,7 +100,7 @@ def _check_args(kind: str, args, file: str, where: str) -> tuple:
         return tuple(args)
     if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) and
                                                             not isinstance(a, bool) for a in args)):
-        raise UserError(f"{kind} needs [low, high] numbers, got {_short(args)}", file=file, key=where)
+        raise UserError(f"{kind} needs [low, high] numbers, got {short_repr(args)}", file=file, key=where)
     low, high = args
     if not low < high:
         raise UserError(f"`low < high` must hold, but got (low={low}, high={high}); swap or widen them",
@@ -109,19 +109,14 @@ def _check_args(kind: str, args, file: str, where: str) -> tuple:
         raise UserError(f"loguniform needs low > 0, got low={low}; use uniform or a positive bound",
                           file=file, key=where)
     if kind == "int" and not all(isinstance(a, int) for a in args):
-        raise UserError(f"int needs integer bounds, got {_short(args)}", file=file, key=where)
+        raise UserError(f"int needs integer bounds, got {short_repr(args)}", file=file, key=where)
     return (low, high)
 
 
 def _check_when(when, file: str, where: str) -> dict[str, tuple]:
     if not isinstance(when, dict):
-        raise UserError(f"`when` must map keys to values, got {_short(when)}", file=file, key=f"{where}.when")
+        raise UserError(f"`when` must map keys to values, got {short_repr(when)}", file=file, key=f"{where}.when")
     return {k: tuple(v) if isinstance(v, list) else (v,) for k, v in when.items()}
-
-
-def _short(value, limit: int = 80) -> str:
-    text = repr(value).replace("\n", " ")
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def grid_size(params: list[Param]) -> int:

@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 
 from gatetune.core import layout
-from gatetune.core.errors import UserError
+from gatetune.core.errors import UserError, first_line
 from gatetune.tuning import checkpoint as ckpt
 from gatetune.tuning import config as C
 from gatetune.tuning import live
@@ -108,7 +108,7 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
                 tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
         except OSError as e:
             line = (f"[{trial_id}] cannot write the epoch-{metrics['epoch']:g} checkpoint into {run_dir or 'the run folder'} "
-                    f"({e.strerror or str(e).splitlines()[0]}); the previous checkpoint is intact: free space or fix "
+                    f"({e.strerror or first_line(e)}); the previous checkpoint is intact: free space or fix "
                     "the folder, then `gatetune resume` the search")
             print(line, file=sys.stderr, flush=True)
             raise CheckpointWriteError(line) from None

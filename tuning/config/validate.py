@@ -19,7 +19,7 @@ from typing import Any
 import pydantic
 
 from gatetune.core.dotted import phases_epochs, trial_config
-from gatetune.core.errors import UserError, nearest
+from gatetune.core.errors import UserError, nearest, short_repr
 from gatetune.tuning.config.loader import read_config
 from gatetune.tuning.config.plan import phase_plan, site_specs
 from gatetune.tuning.config.schema import Config, fields_at, key_of, source_of
@@ -95,7 +95,7 @@ def _error_line(err: dict) -> tuple[str, str]:
     kind, got = err["type"], err.get("input")
     key = key_of(err["loc"]) or "config"
     loc = tuple(key.split("."))
-    shown = _short(got)
+    shown = short_repr(got)
     ctx = err.get("ctx") or {}
     if kind != "extra_forbidden" and any(str(part) in ("str", "list[str]") for part in err["loc"][-2:]):
         # str | list[str]: site patterns
@@ -109,7 +109,7 @@ def _error_line(err: dict) -> tuple[str, str]:
     if kind == "missing":
         return key, f"{loc[-1]} is required here; add it"
     if kind == "extra_forbidden":
-        return key, f"unknown key {_short(loc[-1])}; {nearest(loc[-1], fields_at(loc))}"
+        return key, f"unknown key {short_repr(loc[-1])}; {nearest(loc[-1], fields_at(loc))}"
     if kind in _RANGE:
         return key, f"must be {_RANGE[kind].format(**ctx)}, got {shown}; change the value"
     if kind == "literal_error":
@@ -117,12 +117,6 @@ def _error_line(err: dict) -> tuple[str, str]:
     if kind in _TYPES:
         return key, f"must be {_TYPES[kind]}, got {shown} ({type(got).__name__}); change the value"
     return key, f"{err['msg']} (got {shown}); change the value"
-
-
-def _short(value, limit: int = 80) -> str:
-    """repr of a value, cut to one short line (a hostile file's values can be huge)."""
-    text = repr(value).replace("\n", " ")
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _literal_options(ctx: dict) -> list[str]:
