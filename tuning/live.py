@@ -73,7 +73,8 @@ class TrialCounts(Callback):
         if time.monotonic() - self._last < 2.0:
             return
         self._last = time.monotonic()
-        counts = dict.fromkeys(("pending", "running", "completed", "stopped", "diverged", "error"), 0)
+        from gatetune.results import STATUSES   # the report's statuses (here: the driver, which has it loaded)
+        counts = dict.fromkeys(STATUSES, 0)
         for t in trials:   # every couple of seconds over every trial: an ended one is worked out once
             status = self._ended.get(t.trial_id) or self._status(t)
             if str(t.status).lower() in ("terminated", "error"):

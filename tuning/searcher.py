@@ -46,9 +46,8 @@ _PROCESS_ONLY = ("exported", "_copy", "_sink", "_pickled")   # this process's ex
 
 class _Pickler(pickle.Pickler):
     """Pickles each finished Optuna trial as the bytes of its first pickling (`cache`: id -> (trial, bytes)).
-    A finished trial never changes, and Ray saves the searcher at every experiment snapshot (with
-    CheckpointConfig(num_to_keep), after every trial checkpoint): pickling the whole study each time grew
-    with the study, about 10% of the driver's time at 800 trials."""
+    A finished trial never changes, and Ray saves the searcher at every experiment snapshot (every 2 s):
+    pickling the whole study each time grew with the study, about 10% of the driver's time at 800 trials."""
 
     def __init__(self, file, cache: dict):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)

@@ -74,6 +74,11 @@ def _loads(path: str) -> bool:
         return False
 
 
+def _stamps(files: list[str]) -> tuple:
+    """(path, size, mtime) of each file: a file Ray rewrote since has another stamp."""
+    return tuple((f, st.st_size, st.st_mtime_ns) for f in files for st in [os.stat(f)])
+
+
 class KeepState(Callback):
     """Copies the newest complete snapshot into <run>/.state/ as the search runs (see the module)."""
 
@@ -86,23 +91,21 @@ class KeepState(Callback):
         if time.monotonic() < self._next:
             return
         started = time.monotonic()
-        try:
-            self._copy()
-        except OSError:
-            pass   # a full disk: the previous copy stays, and the next step tries again
-        spent = time.monotonic() - started
-        self._next = started + max(1.0, spent / COPY_SHARE)
+        self._try_copy()
+        self._next = started + max(1.0, (time.monotonic() - started) / COPY_SHARE)
 
     def on_experiment_end(self, trials, **info):
-        self._next = 0.0
+        self._try_copy()
+
+    def _try_copy(self) -> None:
         try:
             self._copy()
         except OSError:
-            pass
+            pass   # a full disk: the previous copy stays, and the next try copies again
 
     def _copy(self) -> None:
         files = [os.path.join(self.run_dir, n) for n in _newest(self.run_dir)]
-        stats = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
+        stats = _stamps(files)
         if not files or stats == self._copied or not all(_ends_whole(f) for f in files):
             return
         new, keep, old = (os.path.join(self.run_dir, n) for n in (".state.new", layout.STATE_COPY, ".state.old"))
@@ -112,8 +115,7 @@ class KeepState(Callback):
             for f in files:
                 with open(f, "rb") as src, gzip.open(os.path.join(new, os.path.basename(f) + ".gz"), "wb", 1) as dst:
                     shutil.copyfileobj(src, dst)
-            again = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
-            if again != stats or not all(_ends_whole(f) for f in files):
+            if _stamps(files) != stats or not all(_ends_whole(f) for f in files):
                 return   # Ray was rewriting them: the next step copies the finished ones
             if os.path.isdir(keep):
                 os.rename(keep, old)
