@@ -4,12 +4,13 @@ Reads Ray Tune's experiment folder with json and pandas only (no Ray, no torch),
 beside a live search or on a copy of the folder elsewhere:
 
     python -c "from gatetune.results import write_report; print(write_report('runs/quickstart'))"
+    df = read_report("runs/quickstart/report.csv")   # trial ids stay text (pandas alone reads 2512e764 as inf)
 """
 
 from ._collect import STATUSES, ReportError, collect
-from ._report import write_report
+from ._report import read_report, write_report
 from ._seeds import front_trials
 from ._table import COLUMNS, pareto_mask, summary_markdown, table
 
 __all__ = ["ReportError", "collect", "table", "summary_markdown", "write_report", "pareto_mask", "front_trials",
-           "COLUMNS", "STATUSES"]
+           "COLUMNS", "STATUSES", "read_report"]

@@ -45,6 +45,16 @@ def write_report(run_dir, csv=None, markdown=None, plot=None) -> pd.DataFrame:
     return df
 
 
+def read_report(source) -> pd.DataFrame:
+    """report.csv (a path or a file object) read back as written: the id columns stay text. (pandas reads an
+    8-hex-digit trial id such as 2512e764 as the number inf and 12345678 as an integer: a few percent of
+    Ray's ids.) Empty cells are NaN; strings such as `none` stay strings."""
+    return pd.read_csv(source, dtype={c: str for c in _TEXT_COLUMNS}, keep_default_na=False, na_values=[""])
+
+
+_TEXT_COLUMNS = ("trial_id", "confirms", "checkpoint", "node", "stopped_by", "gated_layers", "trainable_layers")
+
+
 def folder_size(path: Path) -> int:
     """Bytes of all files below path; links are neither followed nor counted."""
     return sum(os.lstat(os.path.join(top, f)).st_size for top, _, files in os.walk(path)

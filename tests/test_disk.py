@@ -11,6 +11,7 @@ from unittest import mock
 import pytest
 
 from gatetune.tuning.cli import main
+from gatetune.results import read_report
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = str(ROOT / "search_spaces" / "digits.yaml")
@@ -99,7 +100,6 @@ def test_search_on_a_full_disk_stops_its_trials_and_resumes(tmp_path):
     has room again."""
     import sys
 
-    import pandas as pd
     disk = tmp_path / "disk"
     if not _mount(disk, "size=6m"):
         pytest.skip("a tmpfs cannot be mounted here (needs root)")
@@ -117,7 +117,7 @@ def test_search_on_a_full_disk_stops_its_trials_and_resumes(tmp_path):
         r = subprocess.run([*gatetune, "resume", str(disk / "full")], env=env, capture_output=True, text=True,
                            timeout=400)
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-        df = pd.read_csv(disk / "full" / "report.csv")
+        df = read_report(disk / "full" / "report.csv")
         assert len(df) == 2 and df["trial_id"].is_unique and (df["status"] == "completed").all(), df
     finally:
         _umount(disk)

@@ -13,7 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
 
@@ -22,6 +21,7 @@ from gatetune.tuning import checkpoint as ckpt
 from gatetune.tuning import config as C
 from gatetune.tuning.run import train_run
 from gatetune.tuning.trainable import resume_state
+from gatetune.results import read_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "search_spaces", "quickstart.yaml")
@@ -68,7 +68,7 @@ def test_worker_node_dies_mid_trial(tmp_path):
         ray.shutdown()
         cluster.shutdown()
     assert killed.is_set(), "the worker node was never killed"
-    df = pd.read_csv(run_dir / "report.csv")
+    df = read_report(run_dir / "report.csv")
     assert len(df) == 2 and df["trial_id"].is_unique
     assert (df["status"] == "completed").all() and (df["epochs"] == 4).all()
     state = json.loads(sorted(run_dir.glob("experiment_state-*.json"))[-1].read_text())
@@ -94,7 +94,7 @@ def test_driver_sigkill_then_resume(tmp_path):
     assert (run_dir / "tuner.pkl").exists()
     r = subprocess.run([*GATETUNE, "resume", str(run_dir)], env=ENV, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    df = pd.read_csv(run_dir / "report.csv")
+    df = read_report(run_dir / "report.csv")
     assert len(df) == 4 and df["trial_id"].is_unique                  # nothing lost or duplicated
     assert (df["status"] == "completed").all() and (df["epochs"] == 3).all()
     import optuna                                                       # searcher history kept, nothing twice
@@ -107,7 +107,7 @@ def test_divergent_trial_is_marked_and_others_go_on(ray_local, tmp_path):
     cfg = C.load(QUICK, ["train.epochs=2", "search.num_samples=1", "train.max_gate_loss=100",
                          "space.gating.weight={grid: [1.0e-6, 1.0e+6]}", "search.scheduler.name=fifo"])
     run_search(cfg, storage=str(tmp_path), name="div")
-    df = pd.read_csv(tmp_path / "div" / "report.csv").set_index("weight")
+    df = read_report(tmp_path / "div" / "report.csv").set_index("weight")
     assert df.loc[1e6, "status"] == "diverged" and df.loc[1e6, "stopped_by"] == "diverged"
     assert df.loc[1e6, "epochs"] <= 1.0                                   # within one epoch
     assert df.loc[1e-6, "status"] == "completed" and df.loc[1e-6, "epochs"] == 2
@@ -173,7 +173,7 @@ def test_driver_killed_during_confirmation_runs_no_seed_twice(tmp_path):
     p.wait()
     r = subprocess.run([*GATETUNE, "resume", str(run_dir)], env=ENV, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    df = pd.read_csv(run_dir / "report.csv", keep_default_na=False, na_values=[""])
+    df = read_report(run_dir / "report.csv")
     replicas = df[df["confirms"].notna()]
     assert len(df) == 4 and df["trial_id"].is_unique, df[["trial_id", "status", "confirms", "seed"]]
     assert sorted(replicas["seed"]) == [1, 2] and replicas["confirms"].nunique() == 1

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from gatetune.results import ReportError, collect, pareto_mask, summary_markdown, table, write_report
-from gatetune.results import COLUMNS
+from gatetune.results import COLUMNS, read_report
 
 EPOCHS = 4
 SMALL, LARGE = 1e-6, 1e-4  # gating.weight grid
@@ -216,7 +216,7 @@ def test_report_on_a_copy_with_ray_shut_down(run_dir, tmp_path):
 
 def test_csv_round_trip(run_dir, tmp_path):
     df = write_report(run_dir, csv=tmp_path / "r.csv", markdown=tmp_path / "r.md", plot=tmp_path / "r.png")
-    back = pd.read_csv(tmp_path / "r.csv", keep_default_na=False, na_values=[""])
+    back = read_report(tmp_path / "r.csv")
     assert list(back.columns) == list(df.columns)
     for column in ("trial_id", "status", "pareto", "top1", "density", "epochs", "gating.weight"):
         pd.testing.assert_series_equal(back[column], df[column], check_dtype=False)
@@ -400,3 +400,14 @@ def test_front_trials_follow_the_confirm_rule():
     df.loc[df.trial_id == "b", "gated_layers"] = "all"
     df.loc[df.trial_id == "b", "target_density"] = 0.8
     assert front_trials(df, "top 1") == ["b", "d"]
+
+
+def test_read_report_keeps_trial_ids_that_look_like_numbers(tmp_path):
+    """Ray's 8-hex-digit ids: pandas alone reads 2512e764 as inf and 12345678 as an integer."""
+    pd.DataFrame({"trial_id": ["2512e764", "12345678", "0abc1234"], "confirms": ["", "2512e764", ""],
+                  "gated_layers": ["none", "all", "conv[2-6]"], "top1": [90.0, 91.0, None]}).to_csv(tmp_path / "r.csv", index=False)
+    assert pd.read_csv(tmp_path / "r.csv")["confirms"][1] == float("inf")   # the trap (a column of such ids)
+    df = read_report(tmp_path / "r.csv")
+    assert df["trial_id"].tolist() == ["2512e764", "12345678", "0abc1234"]
+    assert df["confirms"].isna().tolist() == [True, False, True] and df["confirms"][1] == "2512e764"
+    assert df["gated_layers"][0] == "none" and math.isnan(df["top1"][2])

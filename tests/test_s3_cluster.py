@@ -10,10 +10,10 @@ import sys
 import tempfile
 import time
 
-import pandas as pd
 import pytest
 
 from conftest import free_port
+from gatetune.results import read_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "search_spaces", "quickstart.yaml")
@@ -147,7 +147,7 @@ def test_worker_node_killed_mid_trial_resumes_from_s3_checkpoint(s3_bucket, tmp_
     finally:
         cluster.stop()
     files = _files(uri)
-    report = pd.read_csv(io.StringIO(_read(uri, "report.csv")))
+    report = read_report(io.StringIO(_read(uri, "report.csv")))
     assert len(report) == 2 and (report["status"] == "completed").all() and (report["epochs"] == 6).all()
     failed = [t for t in {f.split("/")[0] for f in files if f.startswith("trial_")} if f"{t}/error.txt" in files]
     assert len(failed) == 1, files                    # the trial on the killed node failed once ...
@@ -170,7 +170,7 @@ def test_driver_sigkill_then_resume_s3_and_report_equals_local_copy(s3_bucket, t
     r = subprocess.run([*GATETUNE, "resume", uri], env=_env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "search finished" in r.stdout
-    remote = pd.read_csv(io.StringIO(_read(uri, "report.csv")))
+    remote = read_report(io.StringIO(_read(uri, "report.csv")))
     assert len(remote) == 4 and remote["trial_id"].is_unique and (remote["status"] == "completed").all()
     assert (remote["epochs"] == 3).all()
     # the Optuna study copy in the bucket holds each trial once

@@ -2,7 +2,6 @@
 import os
 import shutil
 
-import pandas as pd
 import pytest
 
 from gatetune import results
@@ -26,7 +25,7 @@ def test_tiny_search_and_report(ray_local, tmp_path, capsys):
     # a quiet console: no Ray Tune box, no TensorBoard hint at Ray's staging folder; TensorBoard on the run folder
     assert "Configuration for experiment" not in out and "driver_artifacts" not in out
     assert f"tensorboard --logdir {run_dir}" in out
-    df = pd.read_csv(os.path.join(run_dir, "report.csv"), keep_default_na=False, na_values=[""])
+    df = results.read_report(os.path.join(run_dir, "report.csv"))
     replicas = df[df["confirms"].notna()]
     df = df[df["confirms"].isna()]
     assert len(df) == 4 and df["trial_id"].is_unique

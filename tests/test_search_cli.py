@@ -9,6 +9,7 @@ import time
 
 import pandas as pd
 import pytest
+from gatetune.results import read_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "search_spaces", "quickstart.yaml")
@@ -24,7 +25,7 @@ def _free_port() -> int:
 
 
 def _report(run_dir) -> pd.DataFrame:
-    return pd.read_csv(os.path.join(run_dir, "report.csv"))
+    return read_report(os.path.join(run_dir, "report.csv"))
 
 
 @pytest.mark.slow
