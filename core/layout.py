@@ -11,8 +11,10 @@ gatetune's own files:
     <run>/.state/                  a copy of Ray Tune's last complete snapshot, put back by `gatetune resume`
                                       when a full disk cut the newest one short (folders on a filesystem)
     <run>/trial_<id>/              one trial: params.json (its sampled keys; a seed replica's also hold
-                                      `seed` and `confirms`: the trial it repeats), result.json (one line per epoch),
-        checkpoint_NNNNNN/state.pt    its epoch checkpoints (Ray keeps the best few and the newest),
+                                      `seed` and `confirms`: the trial it repeats; the dense pretraining's
+                                      `pretrain`; a trial that starts from another's weights, `started_from`),
+                                      result.json (one line per epoch),
+        checkpoint_NNNNNN/state.pt    its epoch checkpoints (the newest train.keep_checkpoints),
         latency.json                  latency_ratio of one checkpoint (Pareto trials)
 
 `gatetune train` writes a smaller folder (default runs/<name>):
@@ -35,7 +37,21 @@ EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
 STATE_COPY = ".state"                   # a copy of Ray Tune's last complete snapshot (local folders)
 STORAGE_MARKER = ".gatetune_marker"     # written by the driver, looked for by every node
 
+# Keys of a trial's params that are not config keys (the trial's role in the search):
 CONFIRMS = "confirms"                   # in a seed replica's params: the trial id whose config it repeats
+PRETRAIN = "pretrain"                   # true in the dense trial search.pretrain trains before the search
+STARTED_FROM = "started_from"           # the trial whose last checkpoint this trial's weights start from
+TRIAL_KEYS = (CONFIRMS, PRETRAIN, STARTED_FROM)
+
+
+def config_params(params: dict) -> dict:
+    """A trial's params without the TRIAL_KEYS: the dotted config keys it sets."""
+    return {k: v for k, v in params.items() if k not in TRIAL_KEYS}
+
+
+def ranked(params: dict) -> bool:
+    """Whether schedulers may rank and stop the trial: not a seed replica, not the dense pretraining."""
+    return not (params.get(CONFIRMS) or params.get(PRETRAIN))
 
 # --- one trial's folder inside it
 TRIAL_PREFIX = "trial_"

@@ -13,7 +13,7 @@ renamed, an object appears when its upload completes).
 """
 from __future__ import annotations
 
-__all__ = ["RunStore", "is_remote"]
+__all__ = ["RunStore", "is_remote", "write_atomic"]
 
 import os
 import tempfile
@@ -21,6 +21,21 @@ from pathlib import Path
 
 from gatetune.core import layout
 from gatetune.core.errors import UserError, first_line
+
+
+def write_atomic(path: str | os.PathLike, write) -> None:
+    """write(f) into a temporary file beside `path` (its folder created), then renamed over it: a reader
+    sees the old file or the whole new one, and a failed write (a full disk) leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def is_remote(where: str | os.PathLike) -> bool:
@@ -66,6 +81,19 @@ class RunStore:
         filesystem, root = self._open()
         return filesystem.get_file_info(_join(root, rel)).type != fs.FileType.NotFound
 
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names of the entries right below `rel` (sorted; [] when it does not exist)."""
+        if not self.remote:
+            folder = self.local_path(rel)
+            return sorted(os.listdir(folder)) if folder.is_dir() else []
+        from pyarrow import fs
+        filesystem, root = self._open()
+        try:
+            found = filesystem.get_file_info(fs.FileSelector(_join(root, rel)))
+        except FileNotFoundError:
+            return []
+        return sorted(f.path.rstrip("/").rsplit("/", 1)[-1] for f in found)
+
     def read_bytes(self, rel: str) -> bytes:
         if not self.remote:
             return self.local_path(rel).read_bytes()
@@ -78,16 +106,7 @@ class RunStore:
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         if not self.remote:
-            path = self.local_path(rel)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(self.local_path(rel), lambda f: f.write(data))
             return
         filesystem, root = self._open()
         with filesystem.open_output_stream(_join(root, rel)) as f:

@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gatetune.models.gate_ops import bn_scale_shift, mean_abs, mean_hw
+from gatetune.models.gate_ops import bn_scale_shift, mean_abs, mean_hw, scale_free
 
-__all__ = ["GatedConv2d", "active_count", "POLICIES"]
+__all__ = ["GatedConv2d", "active_count", "POLICIES", "INPUT_GAIN"]
 
 POLICIES = ("fbs", "mse")
-# Without BN, s multiplies the raw conv output and W.x grows with the activation scale, so s * y can grow
-# layer over layer: a randomly initialised SqueezeNet 1.1 overflows to inf by fire6 with the default
-# weight scale, and stays finite at density 1.0 and 0.5 with 0.1.
-_NO_BN_WEIGHT_SCALE = 0.1
+# The standardised pooled input's scale. With 1.0 a resnet20 fine-tuned from dense weights at density 0.5
+# (CIFAR-10, docs/design.md) made 98% of its gated channels dynamic and lost 13 points of top-1 against
+# static top-|gamma| gates; with 0.3, 65% dynamic and 2 points.
+INPUT_GAIN = 0.3
 
 
 def active_count(density: float, channels: int) -> int:
@@ -34,7 +34,12 @@ def active_count(density: float, channels: int) -> int:
 class GatedConv2d(nn.Module):
     """Per-sample winner-take-all channel gating of one conv (+BN).
 
-    Saliency predictor: s = ReLU(Linear(mean_{H,W} |x|)), Linear C_in -> C_out.
+    Saliency predictor: s = ReLU(Linear(z)), z = INPUT_GAIN * BN_noaffine(p / mean_c p), p = mean_{H,W} |x|
+        (N, C_in), Linear C_in -> C_out. Dividing by the mean over input channels makes s blind to the scale
+        of x (s multiplies the layer's output, so a saliency that grew with its input compounded layer over
+        layer); the BN (batch statistics in training, running ones in eval) centres and scales each pooled
+        channel over the inputs, so the predictor reads how this input differs from the others, and
+        INPUT_GAIN sets how fast the gates learn to follow it (docs/design.md, "Gating semantics").
     Winner-take-all: per sample, the k = ceil(density * C_out) most salient channels are kept, chosen by
         topk indices + scatter, so exactly k survive whatever the ties. The mask has no gradient. At
         k == C_out neither top-k nor mask is computed (mask is None).
@@ -45,14 +50,15 @@ class GatedConv2d(nn.Module):
         task gradient; out = mask * y. Loss: MSE(s, t), t = relu(spatial max of y), detached.
     `loss` is weight * that loss for the last forward (None when weight == 0).
 
-    Initialisation (see _init_predictor): bias = |gamma| of the BN (1.0 without BN), so at density 1.0
-    with a zero predictor weight the gated conv computes exactly what the plain conv + BN did. nonneg_input
+    Initialisation (see _init_predictor): bias = |gamma| of the BN (1.0 without BN); the weight is zero when
+    the conv comes from trained dense weights (dense_start), so at density 1.0 the gated conv computes
+    exactly what the plain conv + BN did, and random otherwise. nonneg_input
     (the input is a ReLU output: every site after the stem) lets mean |x| be computed as mean x, one memory
     pass instead of three; it is checked once, on the first forward.
     """
 
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, *, policy: str = "fbs",
-                 density: float = 1.0, weight: float = 0.0, nonneg_input: bool = False):
+                 density: float = 1.0, weight: float = 0.0, nonneg_input: bool = False, dense_start: bool = False):
         super().__init__()
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -60,6 +66,7 @@ class GatedConv2d(nn.Module):
         self.k = active_count(density, conv.out_channels)
         self.nonneg_input, self._checked = nonneg_input, False
         self.conv = conv
+        self.pool_norm = nn.BatchNorm1d(conv.in_channels, affine=False)   # its running statistics: eval's
         self.predictor = nn.Linear(conv.in_channels, conv.out_channels)
         gamma = bn.weight.detach().clone() if bn is not None and bn.affine else None
         self.bn, self.beta = bn, None
@@ -68,7 +75,7 @@ class GatedConv2d(nn.Module):
             self.beta = nn.Parameter(bn.bias.detach().clone() if bn.affine else torch.zeros(bn.num_features))
             if gamma is not None:
                 self._absorb_sign(gamma)
-        self._init_predictor(gamma)
+        self._init_predictor(gamma, dense_start)
         self.loss: torch.Tensor | None = None
         self.mask: torch.Tensor | None = None  # (N, C_out) of the last forward, None when k == C_out
         self.register_buffer("_active", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -80,18 +87,15 @@ class GatedConv2d(nn.Module):
         self._eval_full = 0  # of which ran with k == C_out
 
     @torch.no_grad()
-    def _init_predictor(self, gamma: torch.Tensor | None) -> None:
-        """Weight: nn.Linear's default (kaiming-uniform; not tiny, or the gates are static: research notes
-        section 4.6). For a ReLU input every pooled value is positive with a large common part, so W.x is
-        dominated by each row's sum, a per-channel constant: channels with a negative row sum start at
-        s = 0 for every sample and, ReLU passing no gradient there, stay dead (digitnet lost 12% of
-        conv3's channels). Rows are therefore shifted to zero mean. Without BN, scaled by 0.1 (above).
-        Bias: |gamma| (1.0 without BN); _absorb_sign makes |gamma| exact for negative gammas."""
-        w = self.predictor.weight
-        if self.nonneg_input:
-            w.sub_(w.mean(1, keepdim=True))
-        if self.policy == "fbs" and self.bn is None:
-            w.mul_(_NO_BN_WEIGHT_SCALE)
+    def _init_predictor(self, gamma: torch.Tensor | None, dense_start: bool) -> None:
+        """Bias: |gamma| (1.0 without BN); _absorb_sign makes |gamma| exact for negative gammas.
+        Weight, from dense weights: zero, so s = |gamma| (the dense net, exactly, at density 1.0; below 1 the
+        first winners are the channels of largest |gamma|, and the rows learn from the winners' gradients).
+        From scratch, where every gamma is 1 and a zero weight would tie every channel: nn.Linear's default
+        (kaiming-uniform; not tiny, or the gates start static). The input is centred per channel, so a row's
+        sum adds nothing common to every sample."""
+        if dense_start:
+            self.predictor.weight.zero_()
         self.predictor.bias.copy_(gamma.abs() if gamma is not None else torch.ones_like(self.predictor.bias))
 
     @torch.no_grad()
@@ -110,7 +114,15 @@ class GatedConv2d(nn.Module):
             if bool((x < 0).any()):
                 raise RuntimeError("GatedConv2d(nonneg_input=True) got a negative input: the site table is wrong")
             self._checked = True
-        return F.relu(self.predictor(mean_hw(x) if self.nonneg_input else mean_abs(x)))
+        return F.relu(self.predictor(self.predictor_input(mean_hw(x) if self.nonneg_input else mean_abs(x))))
+
+    def predictor_input(self, p: torch.Tensor) -> torch.Tensor:
+        """z (N, C_in) of pooled p: scale-free, standardised per channel, times INPUT_GAIN. Batch statistics
+        in training (updating the running ones), except for a batch of one, which reads the running ones."""
+        n = self.pool_norm
+        batch = self.training and p.shape[0] > 1
+        z = F.batch_norm(scale_free(p), n.running_mean, n.running_var, None, None, batch, n.momentum, n.eps)
+        return z * INPUT_GAIN
 
     @torch.no_grad()
     def _winners(self, s: torch.Tensor) -> torch.Tensor | None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["mean_abs", "mean_hw", "bn_scale_shift"]
+__all__ = ["mean_abs", "mean_hw", "scale_free", "SCALE_EPS", "bn_scale_shift"]
 
 
 class _MeanAbs(torch.autograd.Function):
@@ -57,6 +57,15 @@ class _MeanHW(torch.autograd.Function):
 
 def mean_hw(x: torch.Tensor) -> torch.Tensor:
     return _MeanHW.apply(x)
+
+
+SCALE_EPS = 1e-6   # an all-zero input pools to zeros and stays zero
+
+
+def scale_free(p: torch.Tensor) -> torch.Tensor:
+    """p (N, C) >= 0 divided by its mean over C (+ SCALE_EPS): the same for x and a * x, a > 0. The saliency
+    predictor reads this, so its output cannot grow with the activations' scale."""
+    return p / (p.mean(1, keepdim=True) + SCALE_EPS)
 
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ def build(model: str, *, num_classes: int, in_channels: int, input_size: int, po
     plain = e.plain(num_classes, in_channels, input_size)
     if weights is not None:
         load_dense(plain, e, weights)
-    return GatedNet(plain, e, policy, specs)
+    return GatedNet(plain, e, policy, specs, dense_start=weights is not None)
 
 
 def _complete(e: ModelEntry, sites: dict[str, SiteSpec]) -> dict[str, SiteSpec]:
@@ -54,10 +54,12 @@ def _complete(e: ModelEntry, sites: dict[str, SiteSpec]) -> dict[str, SiteSpec]:
 class GatedNet(nn.Module):
     """A plain network whose selected convs are GatedConv2d. forward(x (N, C, H, W)) -> logits (N, classes).
 
-    model_name, policy, sites (canonical name -> SiteSpec, every site) describe how it was built.
+    model_name, policy, sites (canonical name -> SiteSpec, every site) describe how it was built;
+    dense_start: `plain` holds trained dense weights (the gates' predictors then start from a zero weight).
     """
 
-    def __init__(self, plain: nn.Module, e: ModelEntry, policy: str, sites: dict[str, SiteSpec]):
+    def __init__(self, plain: nn.Module, e: ModelEntry, policy: str, sites: dict[str, SiteSpec], *,
+                 dense_start: bool = False):
         super().__init__()
         self.model_name, self.policy, self.sites = e.name, policy, dict(sites)
         self.net = plain
@@ -77,7 +79,7 @@ class GatedNet(nn.Module):
             self.c_out[s.name] = conv.out_channels
             if spec.gate:
                 gate = GatedConv2d(conv, bn, policy=policy, density=spec.density, weight=spec.weight,
-                                   nonneg_input=s.name not in signed)
+                                   nonneg_input=s.name not in signed, dense_start=dense_start)
                 _replace(plain, s.conv, gate)
                 if s.bn:
                     _replace(plain, s.bn, nn.Identity())

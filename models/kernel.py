@@ -6,7 +6,8 @@ as much as a resnet20 conv saves by skipping a quarter of its channels. `gt_prep
 one pass over preallocated buffers:
 
     pooled = mean_hw x (|x| for a signed input), full width (zeros where x is compact)
-    s      = relu(W_p . pooled + b_p)                      (accumulated in double)
+    s      = relu(W_p . pooled / (mean pooled + eps) + b_p)   (accumulated in double; W_p and b_p hold the
+             predictor with its input standardisation folded in, models/skip_gate.py)
     o      = topk(s, k) indices, ascending                 (torch's CPU topk: same winners, ties included)
     gather: w_out[j, i] = W'[o_j, in_i] * s[o_j],  b_out[j] = s[o_j] * shift[o_j] + beta[o_j]   (fbs)
             w_out[j, i] = W'[o_j, in_i],           b_out[j] = shift[o_j]                         (mse)
@@ -18,7 +19,7 @@ The top-k replicates torch's CPU topk (std::nth_element, or std::partial_sort wh
 torch's comparator), so equal saliencies, e.g. several exact zeros after the ReLU, keep the same channels.
 
 The source is compiled once per machine with the system C++ compiler (g++ -O3 -march=native, ~1 s) into
-the cache folder (`cache_dir()`: $GATETUNE_CACHE_DIR, else ~/.cache/gatetune), named by a hash of source,
+the cache folder (`core.cache.cache_dir()`: $GATETUNE_CACHE_DIR, else ~/.cache/gatetune), named by a hash of source,
 compiler and CPU; loaded with ctypes. No torch headers are needed. Without a compiler (or with
 GATETUNE_NO_KERNEL=1), `load()` returns None and models/skip.py runs the same computation in torch ops.
 Float32, contiguous, CPU tensors only.
@@ -34,7 +35,10 @@ import subprocess
 import tempfile
 import threading
 
-__all__ = ["cache_dir", "cpu_name", "load", "GateSpec", "SOURCE", "PAD"]
+from gatetune.core.cache import cache_dir
+from gatetune.models.gate_ops import SCALE_EPS
+
+__all__ = ["cpu_name", "load", "GateSpec", "SOURCE", "PAD"]
 
 PAD = 16   # floats of slack after the conv weight and the gathered-weight buffer (the kernel's vector copies)
 
@@ -44,6 +48,8 @@ SOURCE = r"""
 #include <cstdint>
 #include <utility>
 #include <vector>
+
+static const double SCALE_EPS = SCALE_EPS_VALUE;
 
 struct GateSpec {
   int64_t c_in, c_out, k, kk, nonneg, scaled;
@@ -97,13 +103,16 @@ extern "C" int64_t gt_prepare(const GateSpec* g, const float* x, const int64_t* 
     pooled[in_idx ? in_idx[j] : j] = acc / (double)hw;
   }
   const double* pv = pooled.data();
+  double total = 0.0;
+  for (int64_t i = 0; i < c_in; ++i) total += pv[i];
+  const double inv = 1.0 / (total / (double)c_in + SCALE_EPS);   // gate_ops.scale_free
   int64_t nan = 0;
   for (int64_t c = 0; c < c_out; ++c) {
     const float* w = g->p_weight + c * c_in;
     double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = 0; i < c_in; ++i) acc += (double)w[i] * pv[i];
-    float v = (float)(acc + (double)g->p_bias[c]);
+    float v = (float)(acc * inv + (double)g->p_bias[c]);
     if (std::isnan(v)) nan = 1;
     s[c] = v > 0.0f ? v : (std::isnan(v) ? v : 0.0f);
   }
@@ -186,7 +195,7 @@ extern "C" void gt_residual_relu(const float* identity, const float* z, const in
     }
   }
 }
-"""
+""".replace("SCALE_EPS_VALUE", repr(SCALE_EPS))
 
 
 class GateSpec(ctypes.Structure):
@@ -197,11 +206,6 @@ class GateSpec(ctypes.Structure):
                 ("kk", ctypes.c_int64), ("nonneg", ctypes.c_int64), ("scaled", ctypes.c_int64),
                 ("weight", ctypes.c_void_p), ("shift", ctypes.c_void_p), ("beta", ctypes.c_void_p),
                 ("p_weight", ctypes.c_void_p), ("p_bias", ctypes.c_void_p)]
-
-
-def cache_dir() -> str:
-    """$GATETUNE_CACHE_DIR, else ~/.cache/gatetune (created on demand by the writers)."""
-    return os.environ.get("GATETUNE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "gatetune")
 
 
 def cpu_name() -> str:
@@ -244,7 +248,7 @@ def load():
             try:
                 version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
                 key = hashlib.sha256("\0".join([SOURCE, version, cpu_name(), platform.machine()]).encode())
-                path = os.path.join(cache_dir(), "kernels", f"gate-{key.hexdigest()[:16]}.so")
+                path = cache_dir("kernels", f"gate-{key.hexdigest()[:16]}.so")
                 if not os.path.exists(path):
                     _compile(cxx, path)
                 lib = ctypes.CDLL(path)

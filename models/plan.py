@@ -5,7 +5,7 @@ suppressed channels (convolve only the kept output channels over the non-zero in
 dense conv and keep the winners, each with torch's default conv or oneDNN (mkldnn) forced. Which is
 fastest depends on the shapes, the density, the CPU and the thread count, so the first time a site meets
 an input shape it times its variants on that very input (interleaved, median; `calibrate`) and keeps the
-fastest. Choices are remembered per process and in a JSON file under models.kernel.cache_dir()
+fastest. Choices are remembered per process and in a JSON file under core.cache.cache_dir()
 (plans-<hash>.json, one per torch version, CPU model and kernel build), keyed by a signature of the site's
 shapes, the input shape and the thread count, so later runs on this machine reuse them without timing.
 GATETUNE_PLAN_CACHE=0 keeps choices in memory only; deleting the file makes the next run measure again.
@@ -16,14 +16,15 @@ import hashlib
 import json
 import os
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 
 import torch
 
-from gatetune.models.kernel import SOURCE, cache_dir, cpu_name
+from gatetune.core.cache import cache_dir
+from gatetune.core.storage import write_atomic
+from gatetune.models.kernel import SOURCE, cpu_name
 
 __all__ = ["calibrate", "cached_choice", "choose", "plan_file", "time_call", "timed"]
 
@@ -70,13 +71,10 @@ def _record(signature: str, entry: dict) -> None:
             return
         path = plan_file()
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             data = _read(path)   # merge: another process may have added entries meanwhile
             data[signature] = entry
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f, indent=0, sort_keys=True)
-            os.replace(tmp, path)
+            text = json.dumps(data, indent=0, sort_keys=True).encode()
+            write_atomic(path, lambda f: f.write(text))
         except OSError:
             pass   # a read-only home: the choice still holds for this process
 

@@ -3,7 +3,7 @@ output (skip the suppressed channels or run the dense conv; torch's conv or oneD
 kernel or torch ops) and the BN folded into its weights. models/skip.py builds networks of these."""
 from __future__ import annotations
 
-__all__ = ["SkipGate", "expand", "folded", "padded", "CONVS"]
+__all__ = ["SkipGate", "expand", "folded", "folded_predictor", "padded", "CONVS"]
 
 import ctypes
 import functools
@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from gatetune.models.errors import ModelError
-from gatetune.models.gate import GatedConv2d
+from gatetune.models.gate import INPUT_GAIN, GatedConv2d
+from gatetune.models.gate_ops import scale_free
 from gatetune.models.kernel import PAD, GateSpec, load as load_kernel
 from gatetune.models.plan import cached_choice, calibrate, timed
 
@@ -43,6 +44,15 @@ def folded(g: GatedConv2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
     if bn.affine:
         scale, shift = scale * bn.weight.detach(), shift * bn.weight.detach() + bn.bias.detach()
     return w * scale[:, None, None, None], shift, None
+
+
+def folded_predictor(g: GatedConv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', b') with W' . scale_free(p) + b' == predictor(predictor_input(p)) in eval: the running
+    standardisation and INPUT_GAIN folded into the predictor's weight and bias."""
+    n, lin = g.pool_norm, g.predictor
+    a = INPUT_GAIN * torch.rsqrt(n.running_var + n.eps)
+    w = lin.weight.detach() * a[None, :]
+    return w, lin.bias.detach() - w @ n.running_mean
 
 
 def padded(w: torch.Tensor) -> torch.Tensor:
@@ -100,8 +110,9 @@ class SkipGate(nn.Module):
         # [shift | beta] per output channel: one gather picks both. (Not appended to the weight rows: the
         # column gather of a non-contiguous weight is almost twice as slow.)
         self.register_buffer("shift_beta", torch.stack([shift, beta], 1))
-        self.register_buffer("p_weight", g.predictor.weight.detach().contiguous())
-        self.register_buffer("p_bias", g.predictor.bias.detach().contiguous())
+        p_weight, p_bias = folded_predictor(g)
+        self.register_buffer("p_weight", p_weight.contiguous())
+        self.register_buffer("p_bias", p_bias.contiguous())
         self.register_buffer("zeros_in", torch.zeros(1, self.c_in, dtype=w.dtype, device=w.device))
         self.lib = lib
         self._bind()
@@ -277,7 +288,7 @@ class SkipGate(nn.Module):
         faster than calling mean here.)"""
         pooled = (t if self.nonneg else t.abs()).sum((2, 3)).div_(t.shape[2] * t.shape[3])
         full = pooled if idx is None else self.zeros_in.index_copy(1, idx, pooled)
-        return pooled, F.linear(full, self.p_weight, self.p_bias).relu_()
+        return pooled, F.linear(scale_free(full), self.p_weight, self.p_bias).relu_()
 
     def _skip_torch(self, t: torch.Tensor, idx: torch.Tensor | None, conv=_conv_native):
         pooled, s = self._saliency(t, idx)

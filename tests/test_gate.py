@@ -28,6 +28,19 @@ def _x(n=4, c=6, seed=1):
     return torch.randn(n, c, 5, 5, generator=torch.Generator().manual_seed(seed))
 
 
+def _saliency(gate, x, batch_stats, running=None):
+    """docs/design.md's s = relu(W z + b), z = 0.3 * standardise(p / mean_c p), p = mean_hw |x|, written out;
+    running: the (mean, var) the gate held before the forward (eval, or a batch of one)."""
+    p = x.abs().mean((2, 3))
+    q = p / (p.mean(1, keepdim=True) + 1e-6)
+    if batch_stats:
+        mu, var = q.mean(0), q.var(0, unbiased=False)
+    else:
+        mu, var = running
+    z = 0.3 * (q - mu) / torch.sqrt(var + gate.pool_norm.eps)
+    return F.relu(gate.predictor(z))
+
+
 def test_active_count_is_ceil_and_at_least_one():
     assert [active_count(d, 10) for d in (0.7, 0.5, 0.31, 1.0, 0.01)] == [7, 5, 4, 10, 1]
     assert active_count(0.8, 64) == 52 and active_count(0.8, 1024) == 820
@@ -39,8 +52,9 @@ def test_fbs_formula(train):
     gate = GatedConv2d(copy.deepcopy(conv), copy.deepcopy(bn), density=0.5, weight=0.1).train(train)
     x = _x()
     rm, rv = gate.bn.running_mean.clone(), gate.bn.running_var.clone()
+    pn = gate.pool_norm.running_mean.clone(), gate.pool_norm.running_var.clone()
     out = gate(x)
-    s = F.relu(gate.predictor(x.abs().mean((2, 3))))
+    s = _saliency(gate, x, train, pn)
     mask = gate.mask
     y = F.batch_norm(gate.conv(x), rm, rv, None, None, train, bn.momentum, bn.eps)
     expected = (mask * s)[:, :, None, None] * y + (mask * gate.beta)[:, :, None, None]
@@ -56,9 +70,7 @@ def test_fbs_starts_as_the_dense_conv_bn_even_for_negative_gamma():
     x = _x()
     for train in (False, True):
         plain_bn = copy.deepcopy(bn).train(train)
-        gate = GatedConv2d(copy.deepcopy(conv), copy.deepcopy(bn), density=1.0).train(train)
-        with torch.no_grad():
-            gate.predictor.weight.zero_()
+        gate = GatedConv2d(copy.deepcopy(conv), copy.deepcopy(bn), density=1.0, dense_start=True).train(train)
         assert gate.mask is None
         assert torch.allclose(gate(x), plain_bn(conv(x)), atol=1e-5)
         assert gate.mask is None  # k == C_out: no top-k, no mask
@@ -69,7 +81,7 @@ def test_fbs_without_bn_scales_the_conv_output():
     gate = GatedConv2d(copy.deepcopy(conv), None, density=0.25)
     x = _x()
     out = gate(x)
-    s = F.relu(gate.predictor(x.abs().mean((2, 3))))
+    s = _saliency(gate, x, True)
     assert torch.allclose(out, (gate.mask * s)[:, :, None, None] * conv(x), atol=1e-6)
     assert torch.equal(gate.predictor.bias.detach(), torch.ones(8))
 
@@ -78,9 +90,10 @@ def test_mse_policy():
     conv, bn = _conv_bn()
     gate = GatedConv2d(copy.deepcopy(conv), copy.deepcopy(bn), policy="mse", density=0.3, weight=0.5).eval()
     x = _x()
+    running = gate.pool_norm.running_mean.clone(), gate.pool_norm.running_var.clone()
     out = gate(x)
     y = bn.eval()(conv(x))
-    p = F.relu(gate.predictor(x.abs().mean((2, 3))))
+    p = _saliency(gate, x, False, running)
     assert torch.allclose(out, gate.mask[:, :, None, None] * y, atol=1e-6)
     target = y.amax((2, 3)).clamp(min=0)
     assert gate.loss.item() == pytest.approx(0.5 * F.mse_loss(p, target).item(), rel=1e-5)
@@ -105,11 +118,25 @@ def test_nonneg_input_is_checked_once():
     with pytest.raises(RuntimeError, match="negative input"):
         gate(_x())
     relu_x = _x().relu()
-    assert torch.allclose(GatedConv2d(copy.deepcopy(conv), None, nonneg_input=True).predictor.weight.sum(1),
-                          torch.zeros(10), atol=1e-6)  # zero-mean rows for ReLU inputs
     gate = GatedConv2d(conv, bn, nonneg_input=True)
     gate(relu_x)
     assert gate._checked
+
+
+def test_saliency_is_blind_to_the_input_scale_and_starts_at_gamma_from_dense_weights():
+    """The saliency multiplies the layer's output: if it grew with its input, it would compound with depth
+    (a gated resnet20 on CIFAR-10 reached logits of 1e5 at initialisation and diverged by batch 16)."""
+    conv, bn = _conv_bn()
+    x = _x(n=8)
+    for dense_start in (False, True):
+        gate = GatedConv2d(copy.deepcopy(conv), copy.deepcopy(bn), density=0.5, dense_start=dense_start)
+        for train in (True, False):
+            gate.train(train)
+            s1, s2 = gate._predict(x), gate._predict(1e4 * x)
+            assert torch.allclose(s1, s2, rtol=1e-4, atol=1e-5)
+            if dense_start:   # a zero weight: s = |gamma| for every input
+                assert torch.allclose(s1, bn.weight.detach().abs().expand_as(s1))
+    assert not GatedConv2d(copy.deepcopy(conv), copy.deepcopy(bn)).predictor.weight.eq(0).all()   # from scratch
 
 
 @pytest.mark.parametrize("channels_last", [False, True])   # True: the portable (non-CPU-fast) code paths

