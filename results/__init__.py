@@ -9,8 +9,8 @@ beside a live search or on a copy of the folder elsewhere:
 
 from ._collect import STATUSES, ReportError, collect
 from ._report import read_report, write_report
-from ._seeds import front_trials
+from ._seeds import dense_baseline, front_trials
 from ._table import COLUMNS, pareto_mask, summary_markdown, table
 
-__all__ = ["ReportError", "collect", "table", "summary_markdown", "write_report", "pareto_mask", "front_trials",
+__all__ = ["ReportError", "collect", "table", "summary_markdown", "write_report", "pareto_mask", "front_trials", "dense_baseline",
            "COLUMNS", "STATUSES", "read_report"]

@@ -172,7 +172,7 @@ def collect_run(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     for tid in sorted(set(found) | set(run.ray)):
         folder = found.get(tid) or _state_folder(run, tid)
         params = _params(folder, run.ray.get(tid))
-        searched += [k for k in params if k not in searched and k not in (layout.CONFIRMS, "seed")]
+        searched += [k for k in params if k not in searched and k not in (*layout.TRIAL_KEYS, "seed")]
         history = _history(folder, tid)
         rows.append(_trial_row(run, tid, folder, _effective(run.config, params), history[-1] if history else None))
         records += history

@@ -11,7 +11,8 @@ from gatetune.core import layout
 from gatetune.core.storage import RunStore
 
 from ._collect import STATUSES, open_run
-from ._table import PARETO, cell, is_missing, markdown_table, summary_markdown, table_of
+from ._seeds import dense_baseline
+from ._table import PARETO, cell, is_missing, is_true, markdown_table, summary_markdown, table_of
 
 # One colour per status (tab10 shades): the eye finds the failures first.
 _COLOURS = {"completed": "#1f77b4", "stopped": "#7f7f7f", "running": "#2ca02c", "pending": "#bcbd22",
@@ -52,7 +53,8 @@ def read_report(source) -> pd.DataFrame:
     return pd.read_csv(source, dtype={c: str for c in _TEXT_COLUMNS}, keep_default_na=False, na_values=[""])
 
 
-_TEXT_COLUMNS = ("trial_id", "confirms", "checkpoint", "node", "stopped_by", "gated_layers", "trainable_layers")
+_TEXT_COLUMNS = ("trial_id", "confirms", "started_from", "checkpoint", "node", "stopped_by", "gated_layers",
+                 "trainable_layers")
 
 
 def folder_size(path: Path) -> int:
@@ -83,11 +85,21 @@ def _report_text(name: str, path: Path, df: pd.DataFrame, size: int, image: str,
         + (" `latency_ratio`: batch-1 CPU latency (1 thread) of the channel-skipping inference path over the "
            "dense network with the same weights, measured at the end of the search for the Pareto trials."
            if "latency_ratio" in df else ""), "",
-        "## Summary", "", summary_markdown(df),
+        "## Summary", "", *_baseline_line(df), summary_markdown(df),
         *_seeds_section(df),
         *_health_section(df),
         "## All trials", "", _full_table(df),
         "## Pareto front", "", f"![top-1 against MACs ratio and density]({image})", ""])
+
+
+def _baseline_line(df: pd.DataFrame) -> list[str]:
+    """Which dense trial the gated ones are compared with (the plot's dashed line)."""
+    base = dense_baseline(df)
+    if base is None:
+        return ["No dense baseline: no dense trial (target density 1.0 or nothing gated) trained its full budget.", ""]
+    how = (f"the dense pretraining every search trial started from, {float(base['epochs']):g} epochs"
+           if is_true(base.get("pretrain")) else "the best dense trial that trained its full budget")
+    return [f"Dense baseline: trial `{base['trial_id']}` ({how}), top-1 {float(base['top1']):.2f}%.", ""]
 
 
 def _seeds_section(df: pd.DataFrame) -> list[str]:
@@ -163,7 +175,7 @@ def plot_pareto(df: pd.DataFrame, path, title: str) -> None:
     axes = fig.subplots(1, 2, sharey=True)
     panels = (("macs_ratio", "pareto", "MACs ratio (effective / dense MACs per image)"),
               ("density", "pareto_density", "achieved density (fraction of channels kept)"))
-    baseline = _baseline(df)
+    baseline = dense_baseline(df)
     for ax, (x, front, label) in zip(axes, panels):
         _panel(ax, df, x, front, baseline)
         ax.set_xlabel(label)
@@ -222,9 +234,4 @@ def _seed_means(ax, df: pd.DataFrame, x: str) -> None:
                 zorder=2, label=f"front over {n} seeds")
 
 
-def _baseline(df: pd.DataFrame):
-    """The best usable trial with target density 1.0 or no gated sites, if the search has one."""
-    dense = pd.to_numeric(df["target_density"], errors="coerce").ge(1.0)
-    dense |= df["gated_layers"].astype(str).str.lower().eq("none")
-    usable = df[dense & df["top1"].notna() & ~df["status"].isin(("error", "diverged"))]
-    return None if usable.empty else usable.loc[usable["top1"].idxmax()]
+

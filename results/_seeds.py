@@ -16,12 +16,13 @@ SEED_COLUMNS = ("confirms", "n_seeds", "top1_mean", "top1_std", "density_mean", 
 _FRONT = {"pareto": (("top1", "max"), ("macs_ratio", "min")), "pareto_density": (("top1", "max"), ("density", "min"))}
 
 
-def front_trials(df: pd.DataFrame, rule: str) -> list[str]:
+def front_trials(df: pd.DataFrame, rule: str, baseline: bool = True) -> list[str]:
     """Trial ids `search.confirm.front` selects among the finished trials of the search (replicas and
     trials that were stopped, diverged or errored never count), best top1 first, then the best dense
-    trial (target density 1.0 or nothing gated) when it is not among them: the baseline the front is
-    compared with needs its mean over seeds too. df needs trial_id, status, top1, macs_ratio, density,
-    and confirms when replicas exist, target_density and gated_layers for the baseline."""
+    trial (target density 1.0 or nothing gated) when it is not among them and `baseline`: the baseline the
+    front is compared with needs its mean over seeds too (not so when the dense pretraining is the
+    baseline). df needs trial_id, status, top1, macs_ratio, density, and confirms when replicas exist,
+    target_density and gated_layers for the baseline."""
     from ._table import pareto_mask
     done = df[(df["status"] == "completed") & df["top1"].notna()]
     if "confirms" in done:
@@ -30,14 +31,33 @@ def front_trials(df: pd.DataFrame, rule: str) -> list[str]:
     chosen = done if top else done[pareto_mask(done, _FRONT[rule])]
     chosen = chosen.sort_values(["top1", "trial_id"], ascending=[False, True], kind="stable")
     ids = list(chosen["trial_id"][: int(top.group(1))] if top else chosen["trial_id"])
-    if "target_density" in done:
-        dense = pd.to_numeric(done["target_density"], errors="coerce").ge(1.0)
-        if "gated_layers" in done:
-            dense |= done["gated_layers"].astype(str).str.lower().eq("none")
-        best = done[dense].sort_values(["top1", "trial_id"], ascending=[False, True], kind="stable")
-        if len(best) and best["trial_id"].iloc[0] not in ids:
-            ids.append(best["trial_id"].iloc[0])
+    best = dense_baseline(done) if baseline else None
+    if best is not None and best["trial_id"] not in ids:
+        ids.append(best["trial_id"])
     return ids
+
+
+def dense_baseline(df: pd.DataFrame):
+    """The row the gated trials are compared with: the dense pretraining (search.pretrain) when it completed,
+    else the best completed trial with target density 1.0 or nothing gated (never a stopped one: its top-1
+    is an earlier epoch's); None when there is none. df needs trial_id, status, top1, and where present
+    pretrain, confirms, target_density, gated_layers."""
+    done = df[(df["status"] == "completed") & df["top1"].notna()]
+    if "pretrain" in done:
+        from ._table import is_true
+        pretrain = done["pretrain"].map(is_true).astype(bool)
+        if pretrain.any():
+            return done[pretrain].iloc[0]
+        done = done[~pretrain]
+    if "confirms" in done:
+        done = done[done["confirms"].fillna("").astype(str) == ""]
+    if "target_density" not in done:
+        return None
+    dense = pd.to_numeric(done["target_density"], errors="coerce").ge(1.0)
+    if "gated_layers" in done:
+        dense |= done["gated_layers"].astype(str).str.lower().eq("none")
+    best = done[dense].sort_values(["top1", "trial_id"], ascending=[False, True], kind="stable")
+    return best.iloc[0] if len(best) else None
 
 
 def add_seed_stats(out: pd.DataFrame, rule: str | None) -> pd.DataFrame:

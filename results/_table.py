@@ -20,7 +20,7 @@ _FROM_METRICS = ("density", "macs_ratio", "macs", "top1", "top5", "gate_loss")
 COLUMNS = ("trial_id", "status", "stopped_by", "model", "dataset", "policy", "target_density", "density",
            "macs_ratio", "macs", "top1", "top5", "gate_loss", "epochs", "weight", "gated_layers",
            "trainable_layers", "lr", "seed", "node", "checkpoint", "pareto", "pareto_density", "gate_health",
-           "gate_health_detail", *SEED_COLUMNS)
+           "gate_health_detail", "started_from", "pretrain", *SEED_COLUMNS)
 # Objectives of the two fronts: accuracy against compute, and against achieved density.
 PARETO = {"pareto": (("top1", "max"), ("macs_ratio", "min")),
           "pareto_density": (("top1", "max"), ("density", "min"))}
@@ -35,7 +35,9 @@ def table(run_dir) -> pd.DataFrame:
     the top1-vs-density front, both among the search's trials that trained their full budget (status
     completed; stopped, diverged, errored and running trials never). `gate_health` is the trial's last
     report's (ok, static, collapsed or dense). Seed replicas (search.confirm) name their origin under
-    `confirms`; the origin's row holds the mean over its seeds (SEED_COLUMNS).
+    `confirms`; the origin's row holds the mean over its seeds (SEED_COLUMNS). `started_from` names the
+    trial whose weights a trial started from (search.pretrain's dense trial), `pretrain` marks that trial
+    (never on a front; the dense baseline, `dense_baseline`).
     """
     return table_of(open_run(run_dir))
 
@@ -60,13 +62,17 @@ def table_of(run: Run) -> pd.DataFrame:
             out[name] = False  # filled in below, once the metrics are in place
         elif name == "confirms":
             out[name] = col(f"config/{layout.CONFIRMS}")
+        elif name == "started_from":
+            out[name] = col(f"config/{layout.STARTED_FROM}").fillna("").astype(str)
+        elif name == "pretrain":
+            out[name] = col(f"config/{layout.PRETRAIN}").map(is_true)
         elif name not in SEED_COLUMNS:
             out[name] = col(name).fillna("")
     for name in ("gated_layers", "trainable_layers"):
         out[name] = out[name].map(_text)
     confirm = (run.config.get("search") or {}).get("confirm") or {}
     out = add_seed_stats(out, confirm.get("front"))
-    on_front = out["top1"].notna() & (out["status"] == "completed") & (out["confirms"] == "")
+    on_front = out["top1"].notna() & (out["status"] == "completed") & (out["confirms"] == "") & ~out["pretrain"]
     for name, objectives in PARETO.items():
         out[name] = pareto_mask(out[on_front], objectives).reindex(out.index, fill_value=False).astype(bool)
     if "latency_ratio" in trials:
@@ -75,6 +81,11 @@ def table_of(run: Run) -> pd.DataFrame:
         out[key] = col(f"config/{key}").map(_text, na_action="ignore")
     out = out.sort_values(["top1", "trial_id"], ascending=[False, True], na_position="last", kind="stable")
     return out.reset_index(drop=True)
+
+
+def is_true(value) -> bool:
+    """A report cell that holds true (a bool, numpy's, or the text `True` read back from CSV)."""
+    return (isinstance(value, (bool, np.bool_)) and bool(value)) or (isinstance(value, str) and value.lower() == "true")
 
 
 def _text(value):
@@ -122,6 +133,8 @@ def summary_markdown(df: pd.DataFrame) -> str:
 def _status(row) -> str:
     if row["status"] == "stopped" and not is_missing(row.get("epochs")):
         return f"stopped at epoch {float(row['epochs']):g}"
+    if is_true(row.get("pretrain")):
+        return f"{row['status']} (dense pretraining)"
     if cell(row.get("confirms")):   # a seed replica
         return f"{row['status']} (seed {cell(row.get('seed'))} of {row['confirms']})"
     return cell(row["status"])

@@ -17,7 +17,7 @@ from gatetune.core.errors import UserError
 from gatetune.tuning.config import DataCfg, load_dict
 from gatetune.tuning.data import DATASETS, DataError, Loader, check, load
 from gatetune.tuning.data.base import CIFAR_STATS, generator
-from gatetune.tuning.data.folder import resized_crop_box
+from gatetune.tuning.data.stream import resized_crop_box
 from gatetune.tuning.data.memory import crop_flip, digits_split
 
 CPU = torch.device("cpu")
@@ -26,6 +26,7 @@ EXPECT = {  # dataset -> (num_classes, in_channels, input_size, len(train), len(
     "cifar10": (10, 3, 32, 40, 10),
     "cifar100": (100, 3, 32, 40, 10),
     "imagenet": (3, 3, 24, 9, 6),
+    "folder": (3, 3, 40, 9, 6),     # held in memory at its native side (40 px)
     "fake": (5, 3, 16, 48, 16),
 }
 
@@ -90,6 +91,10 @@ def spec_for(tmp_path, monkeypatch):
         elif name == "imagenet":
             write_imagefolder(tmp_path)
             kw = {"root": str(tmp_path), "image_size": 24, "workers": 0, **kw}
+        elif name == "folder":
+            write_imagefolder(tmp_path)
+            monkeypatch.setenv("GATETUNE_CACHE_DIR", str(tmp_path / "cache"))
+            kw = {"root": str(tmp_path), **kw}
         elif name == "fake":
             kw = {"fake_train": 48, "fake_val": 16, "fake_classes": 5, "image_size": 16, **kw}
         return DataCfg(dataset=name, **kw)
@@ -369,13 +374,16 @@ def test_imagenet_layout_errors(tmp_path):
     assert "has no class subfolders" in raises(DataCfg(dataset="imagenet", root=str(tmp_path)))
     write_imagefolder(tmp_path / "ok")
     root = tmp_path / "ok"
-    (root / "val" / "dog").mkdir()
+    (root / "train" / "dog").mkdir()
     msg = raises(DataCfg(dataset="imagenet", root=str(root)))
-    assert "hold no images (dog)" in msg and str(root / "val") in msg
-    (root / "val" / "dog" / "deep").mkdir()
-    Image.new("RGB", (8, 8)).save(root / "val" / "dog" / "deep" / "x.JPEG")  # nested + upper case: found
+    assert "hold no images (dog)" in msg and str(root / "train") in msg
+    (root / "train" / "dog" / "deep").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "train" / "dog" / "deep" / "x.JPEG")  # nested + upper case: found
+    check(DataCfg(dataset="imagenet", root=str(root)))   # val may lack a class of train
+    (root / "val" / "emu").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "val" / "emu" / "x.png")
     msg = raises(DataCfg(dataset="imagenet", root=str(root)))
-    assert "class folders differ" in msg and "dog" in msg and "same class folders" in msg
+    assert f"{root / 'val'} has class folder(s) that {root / 'train'} lacks (emu)" in msg and "labels come" in msg
 
 
 def test_size_and_count_errors():

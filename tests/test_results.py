@@ -140,8 +140,9 @@ def test_columns_in_design_order_then_searched_parameters(run_dir):
     df = table(run_dir)
     assert list(df.columns) == [*COLUMNS, "latency_ratio", "gating.density", "gating.weight"]
     assert COLUMNS[:3] == ("trial_id", "status", "stopped_by") and COLUMNS[21:25] == (
-        "pareto", "pareto_density", "gate_health", "gate_health_detail")
-    assert COLUMNS[25:] == ("confirms", "n_seeds", "top1_mean", "top1_std", "density_mean", "macs_ratio_mean",
+        "pareto", "pareto_density", "gate_health", "gate_health_detail") and COLUMNS[25:27] == (
+        "started_from", "pretrain")
+    assert COLUMNS[27:] == ("confirms", "n_seeds", "top1_mean", "top1_std", "density_mean", "macs_ratio_mean",
                             "pareto_seeds")
 
 

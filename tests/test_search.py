@@ -3,9 +3,10 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from gatetune import results
-from gatetune.tuning import config as C
+from gatetune.tuning import checkpoint, config as C
 from gatetune.core.errors import UserError
 from gatetune.tuning.search import run_search
 
@@ -84,3 +85,48 @@ def test_impossible_resources_fail_fast(ray_local, tmp_path):
     with pytest.raises(UserError, match="no node can run a trial needing 1 CPU and 1 GPU"):
         run_search(cfg, storage=str(tmp_path), name="gpu")
     assert not (tmp_path / "gpu").exists()
+
+
+def _cifar_folder(root, train: int, val: int):
+    """The first `train` and `val` images per class of the bundled CIFAR-10 subset, copied under root."""
+    subset = os.path.join(ROOT, "data", "cifar10-subset")
+    for split, n in (("train", train), ("val", val)):
+        for c in sorted(os.listdir(os.path.join(subset, split))):
+            os.makedirs(os.path.join(root, split, c))
+            for f in sorted(os.listdir(os.path.join(subset, split, c)))[:n]:
+                shutil.copy(os.path.join(subset, split, c, f), os.path.join(root, split, c, f))
+    return str(root)
+
+
+def test_search_pretrains_a_dense_net_and_every_trial_starts_from_it(ray_local, tmp_path, capsys):
+    """The notebook's workflow in one search, on natural images: a dense resnet20 trained first as a trial,
+    then gated trials (and their seed replica) from its weights: at lr 1e-9 every trial's convolutions end
+    where the dense network's did."""
+    root = _cifar_folder(tmp_path / "cifar", 150, 40)
+    cfg = C.load(os.path.join(ROOT, "search_spaces", "cifar10_demo.yaml"), [
+        f"data.root={root}", "search.pretrain.epochs=2", "train.epochs=1", "search.num_samples=1",
+        "space.gating.density={grid: [1.0, 0.5]}", "space.train.optimizer.lr={choice: [1.0e-9]}",
+        "search.confirm={seeds: 2, front: top 1}", "train.keep_checkpoints=1"])
+    run_dir, ok = run_search(cfg, storage=str(tmp_path), name="pretrain")
+    assert ok
+    out = capsys.readouterr().out
+    assert "(dense pretraining) epoch:  2.00/2" in out
+    df = results.read_report(os.path.join(run_dir, "report.csv"))
+    pre = df[df["pretrain"]]
+    assert len(pre) == 1 and pre["status"].iloc[0] == "completed" and pre["gated_layers"].iloc[0] == "none"
+    pid, dense_top1 = pre["trial_id"].iloc[0], pre["top1"].iloc[0]
+    rest = df[~df["pretrain"]]
+    assert len(rest) == 3 and (rest["started_from"] == pid).all() and rest["confirms"].notna().sum() == 1
+    assert not pre["pareto"].iloc[0] and pre["started_from"].isna().all()
+    assert dense_top1 > 15   # two epochs on 1,500 images: above chance (10%)
+
+    def convs(trial_id):
+        state = torch.load(checkpoint.trial_weights(run_dir, trial_id), map_location="cpu", weights_only=False)
+        return {k.replace(".conv.weight", ".weight"): v for k, v in state["model"].items() if v.dim() == 4}
+    dense = convs(pid)
+    assert len(dense) >= 19   # resnet20's convolutions
+    for tid in rest["trial_id"]:
+        tuned = convs(tid)
+        assert all(torch.allclose(tuned[k], w, atol=1e-6) for k, w in dense.items()), tid
+    report = open(os.path.join(run_dir, "report.md")).read()
+    assert f"Dense baseline: trial `{pid}` (the dense pretraining every search trial started from, 2 epochs)" in report

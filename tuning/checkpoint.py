@@ -8,9 +8,10 @@ back to the previous one (a run folder's epoch_NNN.pt files, a trial's checkpoin
 """
 from __future__ import annotations
 
-__all__ = ["save_atomic", "read", "read_newest", "RunFolder"]
+__all__ = ["save_atomic", "read", "read_newest", "trial_weights", "RunFolder"]
 
 import csv
+import hashlib
 import io
 import os
 import tempfile
@@ -21,6 +22,7 @@ import torch
 
 from gatetune.core import layout
 from gatetune.core.errors import CheckpointError
+from gatetune.core.storage import RunStore
 
 
 def save_atomic(state: dict, path: str | os.PathLike, sync: bool = True) -> None:
@@ -62,6 +64,27 @@ def read(path: str | os.PathLike) -> dict:
         raise CheckpointError("not a gatetune checkpoint (no model/config); for dense weights use "
                               "model.weights=PATH", file=str(path))
     return state
+
+
+def trial_weights(run_dir: str, trial_id: str) -> str:
+    """A local file holding the newest checkpoint of another trial of the search in `run_dir` (a path or a
+    URI: a remote checkpoint is downloaded once per process), for model.weights; CheckpointError if the
+    trial has none."""
+    store = RunStore(run_dir)
+    folder = layout.trial_dirname(trial_id)
+    found = [n for n in store.listdir(folder) if layout.CHECKPOINT_DIR.fullmatch(n)]
+    if not found:
+        raise CheckpointError(f"trial {trial_id} has no checkpoint to start from; it must complete first",
+                              file=store.uri(folder))
+    rel = f"{folder}/{max(found)}/{layout.CHECKPOINT_STATE}"
+    if not store.remote:
+        return str(store.local_path(rel))
+    local = Path(tempfile.gettempdir(), "gatetune-weights", hashlib.blake2b(store.uri(rel).encode(),
+                                                                            digest_size=8).hexdigest() + ".pt")
+    if not local.is_file():
+        store.download(rel, local.with_suffix(".part"))
+        os.replace(local.with_suffix(".part"), local)
+    return str(local)
 
 
 def read_newest(paths: list[Path]) -> dict | None:

@@ -95,14 +95,14 @@ def _alive() -> list[dict]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def check_resources(cpu: float, gpu: float) -> None:
-    """UserError unless some node can hold one trial's resources."""
+def check_resources(cpu: float, gpu: float, key: str = "search.resources") -> None:
+    """UserError unless some node can hold one trial's resources (`key`: the config key that asks for them)."""
     nodes = _alive()
     if not any(n["Resources"].get("CPU", 0) >= cpu and n["Resources"].get("GPU", 0) >= gpu for n in nodes):
         have = ", ".join(f"{n['NodeManagerAddress']}: {n['Resources'].get('CPU', 0):g} CPU "
                          f"{n['Resources'].get('GPU', 0):g} GPU" for n in nodes)
         raise UserError(f"no node can run a trial needing {cpu:g} CPU and {gpu:g} GPU "
-                        f"(nodes: {have}); lower search.resources or add a node", key="search.resources")
+                        f"(nodes: {have}); lower {key} or add a node", key=key)
 
 
 def check_shared_storage(run_dir: str) -> None:

@@ -25,8 +25,10 @@ class Console(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         origin = trial.config.get(layout.CONFIRMS)
-        seed = f" (seed {trial.config.get('seed')} of {origin})" if origin else ""
-        print(progress_line(f"{trial.trial_id}{seed}", result, self.epochs), flush=True)
+        role = f" (seed {trial.config.get('seed')} of {origin})" if origin else \
+            " (dense pretraining)" if trial.config.get(layout.PRETRAIN) else ""
+        epochs = trial.config.get("train.epochs", self.epochs) if trial.config.get(layout.PRETRAIN) else self.epochs
+        print(progress_line(f"{trial.trial_id}{role}", result, epochs), flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"{trial.trial_id} ERROR (see error.txt in its trial folder)", flush=True)
@@ -35,13 +37,21 @@ class Console(Callback):
 def summary(df, plan, elapsed: float, run_dir: str) -> list[str]:
     """The lines printed when a search returns: finished or interrupted, and how far trials got per
     ASHA rung (per density bucket when stratified). df: the report table; plan: space.SearchPlan."""
-    search = df[df["confirms"] == ""] if "confirms" in df else df
+    pretrain = df["pretrain"].astype(bool) if "pretrain" in df else False
+    if plan.cfg.search.pretrain is not None and pretrain is not False and pretrain.any():
+        row = df[pretrain].iloc[0]
+        if row["status"] in ("error", "diverged", "stopped"):
+            return [f"\nsearch ended after {elapsed:.0f} s: the dense pretraining (trial {row['trial_id']}) "
+                    f"{row['status']}, so no search trial ran; see its folder in {run_dir}, fix the config and "
+                    "search again"]
+    search = df[(df["confirms"] == "") & ~pretrain] if "confirms" in df else df
     expected = plan.trials
     unfinished = int(df["status"].isin(["running", "pending"]).sum()) + max(0, expected - len(search))
     confirm = plan.cfg.search.confirm
     if confirm is not None and not unfinished:   # every confirmed trial has its seeds - 1 replicas
         from gatetune import results
-        want = {t: confirm.seeds - 1 for t in results.front_trials(search, confirm.front)}
+        want = {t: confirm.seeds - 1 for t in results.front_trials(search, confirm.front,
+                                                                    baseline=plan.cfg.search.pretrain is None)}
         have = df["confirms"].value_counts().to_dict()
         unfinished = sum(max(0, n - have.get(t, 0)) for t, n in want.items())
         expected += sum(want.values())

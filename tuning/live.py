@@ -92,6 +92,6 @@ class TrialCounts(Callback):
             return "running" if status == "running" else "error"
         if (t.last_result or {}).get("diverged"):
             return "diverged"
-        params = {k: v for k, v in t.config.items() if k != layout.CONFIRMS}
+        params = layout.config_params(t.config)
         epochs = get_dotted(trial_config(self.base, params), "train.epochs") or 0
         return "completed" if (t.last_result or {}).get("epoch", 0) >= epochs else "stopped"

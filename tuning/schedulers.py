@@ -14,8 +14,8 @@ revisits that decision: a trial that passed rung r is checked again at each late
 cutoff as it stands then, and stopped once it has fallen below. It keeps its own copy of each rung's
 values, fed from the same results, so it needs only Ray's public scheduler hooks.
 
-Seed replicas (search.confirm: a trial whose config names under `confirms` the trial it repeats) are
-never stopped and never count in a rung. Both append each early stop to the run folder's decisions.jsonl (ASHA-stopped trials look TERMINATED
+Seed replicas (search.confirm: a trial whose config names under `confirms` the trial it repeats) and the
+dense pretraining (search.pretrain) are never stopped and never count in a rung. Both append each early stop to the run folder's decisions.jsonl (ASHA-stopped trials look TERMINATED
 in Ray), which the report reads for its `stopped_by` column. Only Ray Tune's public scheduler API is
 used: the stratified scheduler holds one ASHAScheduler per bucket and hands each trial to its own.
 
@@ -38,8 +38,9 @@ from gatetune.core import layout
 from gatetune.core.storage import RunStore
 
 
-def _replica(trial) -> bool:
-    return bool(trial.config.get(layout.CONFIRMS))
+def _unranked(trial) -> bool:
+    """A seed replica or the dense pretraining: never stopped, never in a rung."""
+    return not layout.ranked(trial.config)
 
 
 def nearest_bucket(buckets, density: float) -> float:
@@ -136,11 +137,11 @@ class RecordingASHA(ASHAScheduler):
         return values[trial.trial_id] < np.nanpercentile(list(values.values()), (1 - self.keep) * 100)
 
     def on_trial_add(self, tune_controller, trial):
-        if not _replica(trial):
+        if not _unranked(trial):
             super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result):
-        if _replica(trial):
+        if _unranked(trial):
             return TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
         t = result.get(self.time_attr, 0)
@@ -158,14 +159,14 @@ class RecordingASHA(ASHAScheduler):
         return action
 
     def on_trial_complete(self, tune_controller, trial, result):
-        if not _replica(trial):
+        if not _unranked(trial):
             super().on_trial_complete(tune_controller, trial, result)
             if self.recheck:
                 self._note(trial, result)
                 self.passed.pop(trial.trial_id, None)
 
     def on_trial_remove(self, tune_controller, trial):
-        if not _replica(trial):
+        if not _unranked(trial):
             super().on_trial_remove(tune_controller, trial)
             self.passed.pop(trial.trial_id, None)
 
@@ -214,7 +215,7 @@ class DensityStratifiedASHA(FIFOScheduler):
 
     def on_trial_result(self, tune_controller, trial, result):
         t = result.get(self.time_attr, 0)
-        if (not _replica(trial) and self.tolerance is not None and "density" in result and self.grace <= t < self.max_t
+        if (not _unranked(trial) and self.tolerance is not None and "density" in result and self.grace <= t < self.max_t
                 and abs(result["density"] - self.target(trial)) > self.tolerance):
             self._of(trial).record(trial, result, "off_target")
             return TrialScheduler.STOP

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 __all__ = ["run_search", "resume_search", "job_metadata", "objectives", "sampler", "PruneCheckpoints"]
 
+import functools
 import os
 import re
 import sys
@@ -32,6 +33,7 @@ from gatetune.core.errors import UserError, first_line
 from gatetune.core.storage import RunStore
 from gatetune.tuning import cluster
 from gatetune.tuning import config as C
+from gatetune.tuning import data
 from gatetune.tuning import schedulers
 from gatetune.tuning import space as S
 from gatetune.tuning.console import Console, summary
@@ -50,11 +52,23 @@ def _trial_dirname(trial) -> str:   # a module-level function: Ray pickles the T
     return layout.trial_dirname(trial.trial_id)
 
 
+def _trial_resources(config: dict, search: dict, pretrain: dict) -> dict:   # module level: Ray pickles it
+    return pretrain if config.get(layout.PRETRAIN) else search
+
+
+def _resources(cfg: C.Config) -> tuple[dict, dict]:
+    """(a search trial's Ray resources, the dense pretraining's)."""
+    r = cfg.search.resources
+    p = cfg.search.pretrain.resources if cfg.search.pretrain and cfg.search.pretrain.resources else r
+    return {"cpu": r.cpu, "gpu": r.gpu}, {"cpu": p.cpu, "gpu": p.gpu}
+
+
 def _trainable(cfg: C.Config, base: dict, run_dir: str):
     from ray import tune
     from gatetune.tuning.trainable import trial
-    r = cfg.search.resources
-    return tune.with_resources(tune.with_parameters(trial, base=base, run_dir=run_dir), {"cpu": r.cpu, "gpu": r.gpu})
+    search, pretrain = _resources(cfg)
+    resources = functools.partial(_trial_resources, search=search, pretrain=pretrain) if search != pretrain else search
+    return tune.with_resources(tune.with_parameters(trial, base=base, run_dir=run_dir), resources)
 
 
 class PruneCheckpoints(Callback):
@@ -120,13 +134,14 @@ def sampler(cfg: C.Config):
 
 
 def _num_samples(plan: S.SearchPlan) -> int:
-    """Trials Tune may create: the search's, plus at most seeds - 1 replicas of each confirmed trial (the
-    searcher says when it is done)."""
+    """Trials Tune may create: the dense pretraining, the search's, plus at most seeds - 1 replicas of each
+    confirmed trial (the searcher says when it is done)."""
     confirm = plan.cfg.search.confirm
+    n = plan.trials + (plan.pretrain is not None)
     if confirm is None:
-        return plan.trials
+        return n
     top = re.fullmatch(r"top (\d+)", confirm.front)
-    return plan.trials + (confirm.seeds - 1) * min(plan.trials, int(top.group(1)) if top else plan.trials)
+    return n + (confirm.seeds - 1) * min(plan.trials, int(top.group(1)) if top else plan.trials)
 
 
 def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_actors: bool):
@@ -219,11 +234,13 @@ def run_search(cfg: C.Config, *, address: str | None = None, name: str | None = 
     cluster.quiet(verbose)
     dashboard = cluster.connect(address, dashboard_host, cluster.job_metadata(
         cfg.name, run_dir, file or _file(cfg), plan.trials, cfg.search.confirm))
-    cluster.check_resources(cfg.search.resources.cpu, cfg.search.resources.gpu)
+    for r, key in zip(_resources(cfg), ("search.resources", "search.pretrain.resources")):
+        cluster.check_resources(r["cpu"], r["gpu"], key)
     if not store.remote:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         cluster.check_shared_storage(run_dir)
     store.write_text(layout.CONFIG, yaml.safe_dump(plan.base, sort_keys=False))
+    data.prepare(cfg.data)   # e.g. an image folder decoded into this machine's cache, once for every trial
     cluster.banner(run_dir, dashboard)
     started = time.time()
     results = _fit(_tuner(plan, run_dir, verbose, callbacks, reuse_actors), run_dir)
@@ -243,6 +260,7 @@ def resume_search(run_dir: str, *, address: str | None = None, dashboard_host: s
     cfg = C.load_dict(base, default_file=str(base_file))
     C.check_environment(cfg, file=str(base_file))
     plan = S.prepare(cfg, str(base_file), start=False)
+    data.prepare(cfg.data)
     if not store.remote and (line := recover(run_dir)):
         print(line, file=sys.stderr)
     cluster.quiet(verbose)

@@ -16,6 +16,10 @@ trial carries its Ray trial id as the user attribute `trial_id`); a resumed sear
 restored study. (An SQLite study written live goes ahead of the snapshot it is resumed with: after a
 driver crash it would hold trials the restored searcher never heard of.)
 
+With search.pretrain, the first trial is the dense network (gating.gate none, `pretrain: true` among its
+params) and the search trials are handed out once it has completed, each naming it under `started_from`
+(the trainable starts from its last checkpoint); if it fails, the search ends.
+
 With search.confirm, once every search trial has ended, the finished trials the confirm rule selects
 (results.front_trials: pareto, pareto_density or top K, and the best dense trial) train again with seeds + 1, ..., as further
 Ray trials whose config names the trial they repeat under `confirms` (schedulers never stop those).
@@ -85,34 +89,49 @@ class StudySearch(Searcher):
         self.ended: dict[str, dict] = {}                  # Ray trial id -> {status, top1, macs_ratio, density}
         self.replicas: list[dict] | None = None           # the seed replicas' configs, once decided
         self.handed_out = 0
+        self.pretrain = plan.pretrain                     # the dense trial's dotted keys (search.pretrain)
+        self.pretrain_id: str | None = None
+        self.pretrain_status: str | None = None           # how it ended, once it has
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return metric in (None, self.metric) and mode in (None, self.mode)
 
     def suggest(self, trial_id: str):
+        if self.pretrain is not None:
+            if self.pretrain_id is None:
+                self.pretrain_id = trial_id
+                return {**self.pretrain, layout.PRETRAIN: True}
+            if self.pretrain_status is None:
+                return None   # every search trial starts from its weights
+            if self.pretrain_status != "completed":
+                return Searcher.FINISHED   # nothing to start from: the summary says why
+        start = {layout.STARTED_FROM: self.pretrain_id} if self.pretrain_id else {}
         if len(self.params) < self.n_search:
             trial = self.study.ask()
             trial.set_user_attr("trial_id", trial_id)
             self.trials[trial_id], self.params[trial_id] = trial, self.space(trial)
-            return dict(self.params[trial_id])
+            return {**self.params[trial_id], **start}
         if len(self.ended) < self.n_search:
             return None   # the front is known once every search trial has ended
         if self.replicas is None:
             self.replicas = self._replicas()
         if self.handed_out < len(self.replicas):
             self.handed_out += 1
-            return dict(self.replicas[self.handed_out - 1])
+            return {**self.replicas[self.handed_out - 1], **start}
         return Searcher.FINISHED
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._report(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id == self.pretrain_id:
+            self.pretrain_status = "error" if error else self._ending((result or {}), self.pretrain)
+            return
         trial = self.trials.pop(trial_id, None)
         if trial is None:   # a seed replica (not an Optuna trial), or told already
             return
         result = result or {}
-        status = "error" if error else self._ending(trial_id, result)
+        status = "error" if error else self._ending(result, self.params[trial_id])
         config = trial_config(self.base, self.params[trial_id])
         gate = get_dotted(config, "gating.gate")
         self.ended[trial_id] = {"trial_id": trial_id, "status": status,
@@ -138,11 +157,11 @@ class StudySearch(Searcher):
             trial.report(float(value), step=step)
             self.reported[trial_id] = step
 
-    def _ending(self, trial_id: str, result: dict) -> str:
+    def _ending(self, result: dict, params: dict) -> str:
         """completed (trained its full budget), diverged or stopped: as the report says (results._collect)."""
         if result.get("diverged"):
             return "diverged"
-        epochs = get_dotted(trial_config(self.base, self.params[trial_id]), "train.epochs")
+        epochs = get_dotted(trial_config(self.base, params), "train.epochs")
         return "completed" if (result.get("epoch") or 0) >= epochs else "stopped"
 
     def _replicas(self) -> list[dict]:
@@ -152,7 +171,7 @@ class StudySearch(Searcher):
 
         from gatetune import results
         seeds, rule = self.confirm
-        front = results.front_trials(pd.DataFrame(list(self.ended.values())), rule)
+        front = results.front_trials(pd.DataFrame(list(self.ended.values())), rule, baseline=self.pretrain is None)
         base_seed = self.base.get("seed", 0)
         out = []
         for origin in front:

@@ -188,8 +188,18 @@ class SearchPlan:
 
     @property
     def trials(self) -> int:
-        """Trials in all: num_samples times the number of grid points."""
+        """Search trials: num_samples times the number of grid points (the dense pretraining and the seed
+        replicas come on top)."""
         return self.cfg.search.num_samples * grid_size(self.params)
+
+    @property
+    def pretrain(self) -> dict | None:
+        """The dotted keys of the dense trial search.pretrain trains first (over `base`), or None."""
+        p = self.cfg.search.pretrain
+        if p is None:
+            return None
+        return {"gating.gate": "none", "gating.density": 1.0, "train.phases": None, "train.epochs": p.epochs,
+                "train.optimizer.lr": p.lr or self.cfg.train.optimizer.lr, "train.lr_schedule.name": p.lr_schedule}
 
     @property
     def max_epochs(self) -> int:
@@ -240,6 +250,15 @@ def prepare(cfg: C.Config, file: str | None = None, notices: list[str] | None = 
     for p in params:   # every value a trial could take must be a valid config value
         _check_values(base, p, where(f"space.{p.key}"))
     plan = SearchPlan(cfg, base, params)
+    if plan.pretrain is not None:
+        if cfg.model.weights is not None or any(p.key == "model.weights" for p in params):
+            raise UserError("search.pretrain trains the dense weights every trial starts from, but model.weights "
+                            "gives them too; drop one of the two", file=where("search.pretrain"), key="search.pretrain")
+        try:
+            C.with_params(base, plan.pretrain)
+        except UserError as e:
+            raise UserError(f"the dense pretraining's config is invalid: {e.message}", file=where("search.pretrain"),
+                            key="search.pretrain") from None
     if cfg.search.start_from and start:
         src = cfg.source("search.start_from")
         root = Path(src).parent if not src.startswith(("command line", "config")) else Path.cwd()

@@ -78,8 +78,8 @@ class CheckpointWriteError(RuntimeError):
 
 
 def trial(config: dict, base: dict, run_dir: str = "") -> None:
-    """config: the sampled dotted keys (a seed replica's also `confirms`); base: the resolved search config;
-    run_dir: the run folder (for messages)."""
+    """config: the sampled dotted keys (and layout.TRIAL_KEYS: a seed replica's `confirms`, the trial whose
+    weights it starts from under `started_from`); base: the resolved search config; run_dir: the run folder."""
     import ray
     from ray import tune
 
@@ -87,7 +87,14 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
 
     context = tune.get_context()
     trial_id = context.get_trial_id()
-    cfg = C.with_params(base, {k: v for k, v in config.items() if k != layout.CONFIRMS})
+    params = layout.config_params(config)
+    try:
+        if config.get(layout.STARTED_FROM):   # the dense pretraining's weights (search.pretrain)
+            params["model.weights"] = ckpt.trial_weights(run_dir, config[layout.STARTED_FROM])
+        cfg = C.with_params(base, params)
+    except UserError as e:
+        print(f"[{trial_id}] error: {e}", file=sys.stderr, flush=True)
+        raise
     cpus = context.get_trial_resources().required_resources.get("CPU", 1)
     print(f"[{trial_id}] start: {label(trial_id, config)} on {os.uname().nodename}", file=sys.stderr, flush=True)
     resume = None

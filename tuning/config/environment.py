@@ -32,6 +32,7 @@ def check_environment(cfg: Config, file: str | None = None) -> None:
         if not torch.cuda.is_available():
             fail("train.device", "no CUDA GPU on this machine; use train.device=auto (or cpu)")
     try:
-        data.check(cfg.data)
+        notices = data.check(cfg.data)
     except data.DataError as e:
         raise e.at(file=file or cfg.source(e.key or "data"), key="data.dataset") from None
+    cfg.add_notices(notices)

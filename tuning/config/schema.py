@@ -7,7 +7,7 @@ column are the same word (`gating.density` -> `density`). Each field's docstring
 from __future__ import annotations
 
 __all__ = ["Config", "ModelCfg", "DataCfg", "SiteCfg", "GatingCfg", "OptimizerCfg", "LrScheduleCfg", "PhaseCfg",
-           "TrainCfg", "SchedulerCfg", "ResourcesCfg", "SearchCfg", "ConfirmCfg", "config_keys", "key_pattern", "fields_at",
+           "TrainCfg", "SchedulerCfg", "ResourcesCfg", "SearchCfg", "ConfirmCfg", "PretrainCfg", "config_keys", "key_pattern", "fields_at",
            "key_of", "source_of"]
 
 import re
@@ -30,14 +30,24 @@ class ModelCfg(_Strict):
 
 
 class DataCfg(_Strict):
-    dataset: Literal["digits", "cifar10", "cifar100", "imagenet", "fake"] = "digits"
-    """digits is bundled with scikit-learn (offline); cifar*/imagenet need `root`; fake is for tests."""
+    dataset: Literal["digits", "cifar10", "cifar100", "imagenet", "folder", "fake"] = "digits"
+    """digits is bundled with scikit-learn (offline); cifar*/imagenet/folder need `root`; fake is for tests."""
     root: str | None = None
-    """Dataset folder (cifar: holds cifar-10-batches-py; imagenet: holds train/ and val/)."""
+    """Dataset folder (cifar: holds cifar-10-batches-py; imagenet and folder: hold train/ and val/, one
+    subfolder of images per class in each; folder also takes test/ for val/)."""
     augment: bool = True
     """Random crops/shifts (and flips on natural images) on the training split."""
     image_size: int | None = Field(None, gt=0)
-    """Crop size for imagenet/fake (default 224 / 32)."""
+    """Image side in pixels for imagenet/folder/fake (default 224 / the folder's native side up to 64 px,
+    else 224 / 32)."""
+    in_memory: bool | None = None
+    """folder: hold the decoded images in memory (true) or stream them (false); default: in memory when
+    their native side is at most 64 px and both splits decoded take at most 2 GiB."""
+    mean: list[float] | None = Field(None, min_length=1, max_length=4)
+    """imagenet/folder: per-channel mean of the images in [0, 1] (default: ImageNet's for imagenet, measured
+    on the train split for folder)."""
+    std: list[float] | None = Field(None, min_length=1, max_length=4)
+    """Per-channel standard deviation, as `mean`."""
     workers: int = Field(4, ge=0)
     """DataLoader workers for image folders (in-memory datasets need none)."""
     fake_train: int = Field(256, gt=0)
@@ -156,6 +166,19 @@ class ConfirmCfg(_Strict):
     `top K` (the K best by top1)."""
 
 
+class PretrainCfg(_Strict):
+    """The dense network every search trial starts from, trained first as a trial of the search."""
+    epochs: int = Field(ge=1)
+    """Epochs of dense training (every site plain: gating.gate none)."""
+    lr: float | None = Field(None, gt=0)
+    """Its learning rate (default train.optimizer.lr)."""
+    lr_schedule: Literal["step", "cosine", "constant"] = "cosine"
+    """Its schedule over `epochs` (step uses train.lr_schedule's decay_epochs and gamma)."""
+    resources: ResourcesCfg | None = None
+    """What the pretraining trial asks of Ray (default search.resources): it runs alone, so it may take a
+    whole node, e.g. {cpu: 8, gpu: 2} (two GPUs: data-parallel)."""
+
+
 class SearchCfg(_Strict):
     num_samples: int = Field(16, ge=1)
     """Trials to run (grid values multiply this, as in Ray Tune)."""
@@ -177,6 +200,10 @@ class SearchCfg(_Strict):
     confirm: ConfirmCfg | None = None
     """e.g. {seeds: 3, front: pareto}: after the search, the front's configs train again with more seeds, as Ray
     trials of the same run (never stopped early); the report gives their mean and std over seeds."""
+    pretrain: PretrainCfg | None = None
+    """e.g. {epochs: 30}: train a dense network first (one Ray trial of the search, resumable, its checkpoints
+    in the run folder), and start every search trial from its weights (the notebook's dense-then-gated
+    workflow). Instead of model.weights; the report names it as the dense baseline."""
     start_from: list[str] | None = None
     """Known-good configs (gatetune or the notebook's Mayo gating files) whose values of the searched keys
     Optuna evaluates first (points to evaluate); paths relative to the file that names them."""
@@ -206,6 +233,11 @@ class Config(_Strict):
         """Remember which file (or command-line override) set each dotted key, and the notices to show."""
         self._sources = dict(sources)
         self._notices = list(notices or [])
+        return self
+
+    def add_notices(self, notices: list[str]) -> Config:
+        """Append lines to show the user (e.g. files of the dataset left out)."""
+        self._notices += [n for n in notices if n not in self._notices]
         return self
 
     def source(self, key: str, default: str = "config") -> str:

@@ -8,7 +8,9 @@
 Two kinds of loader, one protocol (`Loader`):
 - small datasets (digits, cifar10/100, fake) live whole as one tensor on the device (airbench style):
   a batch is an index slice of a permutation, augmented with batched tensor ops; no per-sample Python.
-- imagenet reads an ImageFolder through a DataLoader with worker processes (decoding JPEGs is per-file).
+- imagenet streams its image folders through a DataLoader with worker processes (decoding is per file).
+- folder (any image folders: train/ and val/, one subfolder per class) is held in memory, decoded once
+  and cached, when its pictures are small (<= 64 px) and fit; otherwise it streams like imagenet.
 
 Exact resume: the order and the augmentation of epoch e derive only from (seed, e, split) through
 private torch.Generators, never the global RNG, and each sample's augmentation is drawn by its index,
@@ -16,7 +18,7 @@ so it does not depend on the batch size or on the shuffle. A resumed run replays
 """
 from __future__ import annotations
 
-__all__ = ["DATASETS", "Data", "DataError", "Loader", "check", "load", "load_cached", "from_tensors"]
+__all__ = ["DATASETS", "Data", "DataError", "Loader", "check", "load", "load_cached", "prepare", "from_tensors"]
 
 from typing import TYPE_CHECKING
 
@@ -24,14 +26,15 @@ import torch
 
 from gatetune.tuning.data.base import DATASETS, Data, DataError, Loader
 from gatetune.tuning.data.check import check
-from gatetune.tuning.data.folder import load_imagenet
+from gatetune.tuning.data.folder import load_folder, prepare_folder
 from gatetune.tuning.data.memory import from_tensors, load_cifar, load_digits, load_fake
+from gatetune.tuning.data.stream import load_imagenet
 
 if TYPE_CHECKING:
     from gatetune.tuning.config import DataCfg
 
 _LOADERS = {"digits": load_digits, "cifar10": load_cifar, "cifar100": load_cifar, "imagenet": load_imagenet,
-            "fake": load_fake}
+            "folder": load_folder, "fake": load_fake}
 assert tuple(_LOADERS) == DATASETS
 
 
@@ -40,6 +43,13 @@ def load(cfg: DataCfg, device: torch.device, seed: int = 0) -> Data:
     `seed` sets the shuffle/augmentation streams only; the data and the digits split never depend on it."""
     check(cfg)
     return _LOADERS[cfg.dataset](cfg, torch.device(device), seed)
+
+
+def prepare(cfg: DataCfg) -> None:
+    """Work a dataset needs once per machine, done before any trial: an in-memory folder decoded into the
+    cache (each trial then reads it in well under a second)."""
+    if cfg.dataset == "folder":
+        prepare_folder(cfg)
 
 
 _CACHE: dict = {}

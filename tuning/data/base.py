@@ -15,7 +15,7 @@ from torch import Tensor
 
 from gatetune.core.errors import UserError
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "fake")
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet", "folder", "fake")
 
 # Per-channel mean, std of the training images in [0, 1] (the usual published values).
 CIFAR_STATS = {

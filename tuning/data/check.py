@@ -19,17 +19,41 @@ FETCH = {  # how to get the data; ends every "not found" message
     "cifar100": "download CIFAR-100 (python version, cifar-100-python.tar.gz) and extract it there",
     "imagenet": "put ImageNet's train/ and val/ there, one subfolder per class in each "
                 "(val images sorted into class folders too)",
+    "folder": "put the images there as train/ and val/, one subfolder of images per class in each",
 }
 
 
-def check(cfg: DataCfg) -> None:
+def check(cfg: DataCfg) -> list[str]:
     """Raise DataError if the data cannot load: a size the dataset does not have, a missing root or a
-    wrong layout. Looks at folders and file names only (no md5, no image decoding)."""
+    wrong layout. Looks at folders, file names and sizes only (no md5, no image decoding). Returns the
+    notices to show (files left out)."""
     _check_sizes(cfg)
+    _check_stats(cfg)
     if cfg.dataset in CIFAR_STATS:
         _check_cifar(cfg.dataset, root_of(cfg))
-    elif cfg.dataset == "imagenet":
-        _check_imagenet(root_of(cfg))
+    elif cfg.dataset in ("imagenet", "folder"):
+        from gatetune.tuning.data.scan import scan
+        return scan(root_of(cfg), cfg.dataset)[2]
+    return []
+
+
+def _check_stats(cfg: DataCfg) -> None:
+    for key in ("mean", "std"):
+        v = getattr(cfg, key)
+        if v is None:
+            continue
+        if cfg.dataset not in ("imagenet", "folder"):
+            raise DataError(f"{cfg.dataset}: data.{key} applies to imagenet and folder datasets only; remove it",
+                            key=f"data.{key}")
+        if len(v) != 3:
+            raise DataError(f"{cfg.dataset}: data.{key} has {len(v)} value(s), but images are read as RGB; "
+                            "give three, one per channel", key=f"data.{key}")
+        if key == "std" and min(v) <= 0:
+            raise DataError(f"{cfg.dataset}: data.std must be > 0 on every channel, got {v}; change the value",
+                            key="data.std")
+    if cfg.in_memory is not None and cfg.dataset != "folder":
+        raise DataError(f"{cfg.dataset}: data.in_memory applies to folder datasets only; remove it",
+                        key="data.in_memory")
 
 
 def _check_sizes(cfg: DataCfg) -> None:
@@ -71,47 +95,3 @@ def _check_cifar(name: str, root: str) -> None:
     if missing:
         raise DataError(f"{name}: {folder} lacks {', '.join(missing)} (expected {', '.join(files)}); "
                         f"the folder is incomplete: delete it and {FETCH[name]}", key="data.root")
-
-
-def _check_imagenet(root: str) -> None:
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(root, split)):
-            raise DataError(f"imagenet: no '{split}' folder under {root} (data.root); expected {root}/train "
-                            f"and {root}/val; {FETCH['imagenet']}", key="data.root")
-    classes = {}
-    for split in ("train", "val"):
-        folder = os.path.join(root, split)
-        classes[split] = _class_folders(folder)
-        if not classes[split]:
-            raise DataError(f"imagenet: {folder} has no class subfolders; expected one subfolder of images "
-                            f"per class (ImageFolder layout); {FETCH['imagenet']}", key="data.root")
-        empty = [c for c in classes[split] if not _has_image(os.path.join(folder, c))]
-        if empty:
-            raise DataError(f"imagenet: {len(empty)} class folder(s) under {folder} hold no images "
-                            f"({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}); add images "
-                            "(.jpg/.jpeg/.png/...) or remove those folders", key="data.root")
-    if classes["train"] != classes["val"]:
-        diff = sorted(set(classes["train"]) ^ set(classes["val"]))
-        raise DataError(f"imagenet: class folders differ between {root}/train ({len(classes['train'])}) and "
-                        f"{root}/val ({len(classes['val'])}), e.g. {', '.join(diff[:3])}; both splits must "
-                        "hold the same class folders so the labels agree", key="data.root")
-
-
-def _class_folders(folder: str) -> list[str]:
-    """Class names the way ImageFolder finds them: sorted subfolder names."""
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_dir())
-
-
-def _has_image(folder: str) -> bool:
-    """True at the first image file found (recursively, as ImageFolder searches); stops early so a
-    check of 1000 ImageNet classes reads a few directory entries each, not all 1.3M."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-    subfolders = []
-    with os.scandir(folder) as it:
-        for e in it:
-            if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS):
-                return True
-            if e.is_dir():
-                subfolders.append(e.path)
-    return any(_has_image(f) for f in subfolders)

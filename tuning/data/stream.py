@@ -1,44 +1,56 @@
-"""ImageNet-style image folders (train/ and val/, one subfolder per class) read by a DataLoader with
-worker processes: decoding JPEGs is per file. Augmentation draws from per-sample seeds, so an epoch
-replays exactly whatever the worker count."""
+"""Image folders streamed through a DataLoader with worker processes (decoding is per file): ImageNet, and
+`folder` datasets too large or too big-pictured to hold in memory. Train: RandomResizedCrop + flip; val:
+resize to size * 256/224 and centre crop. Augmentation draws from per-sample seeds, so an epoch replays
+exactly whatever the worker count. A file that cannot be decoded is left out of its batch, named once in
+a notice line (a night's search does not die on one corrupt JPEG)."""
 from __future__ import annotations
 
-__all__ = ["load_imagenet", "resized_crop_box"]
+__all__ = ["StreamLoader", "streamed", "load_imagenet", "resized_crop_box", "UNREADABLE"]
 
 import math
 import os
+import sys
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from gatetune.core.errors import first_line
 from gatetune.tuning.data.base import DEFAULT_SIZE, IMAGENET_STATS, Data, affine, count_batches, generator, stream_seed
 from gatetune.tuning.data.check import root_of
+from gatetune.tuning.data.scan import Split, scan
 
 if TYPE_CHECKING:
     from gatetune.tuning.config import DataCfg
 
+UNREADABLE = (OSError, ValueError, SyntaxError)   # what PIL raises for a truncated or garbage file
+
 
 class _Folder(torch.utils.data.Dataset):
-    """ImageFolder samples, read by (index, sample_seed) keys. Train: RandomResizedCrop(size) + flip,
-    with parameters from a generator seeded by sample_seed (never the worker's global RNG, which a
-    persistent worker would carry across epochs). Val: Resize(size*256/224) + CenterCrop(size).
-    Returns uint8 (3, size, size); normalising happens on the device."""
+    """A split's samples, read by (index, sample_seed) keys; see the module docstring for the transforms,
+    whose parameters come from a generator seeded by sample_seed (never the worker's global RNG, which a
+    persistent worker would carry across epochs). Returns uint8 (3, size, size) and the label, or zeros
+    and -1 - index for a file that cannot be decoded; normalising happens on the device."""
 
-    def __init__(self, root: str, paths: np.ndarray, targets: np.ndarray, size: int, augment: bool):
-        # paths: bytes relative to root, in numpy arrays rather than a list of (str, int) tuples, which
-        # forked workers would copy page by page as they touch refcounts (~40 MB for ImageNet instead)
-        self.root, self.paths, self.targets, self.size, self.augment = root, paths, targets, size, augment
+    def __init__(self, split: Split, size: int, augment: bool):
+        # paths: bytes in a numpy array rather than a list of (str, int) tuples, which forked workers would
+        # copy page by page as they touch refcounts (~40 MB for ImageNet instead)
+        self.folder, self.paths, self.targets = split.folder, split.paths, split.targets
+        self.size, self.augment = size, augment
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
         import torchvision.transforms.functional as TF
-        from torchvision.datasets.folder import default_loader
+        from PIL import Image
         i, sample_seed = key
-        img = default_loader(os.path.join(self.root, os.fsdecode(self.paths[i])))
+        try:
+            with Image.open(os.path.join(self.folder, os.fsdecode(self.paths[i]))) as f:
+                img = f.convert("RGB")
+        except UNREADABLE:
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), -1 - i
         if self.augment:
             g = torch.Generator().manual_seed(sample_seed)
             top, left, h, w = resized_crop_box(img.height, img.width, g)
@@ -85,23 +97,20 @@ class _EpochSampler(torch.utils.data.Sampler):
         return ((i, seeds[i]) for i in order.tolist())
 
 
-class _FolderLoader:
-    """An ImageFolder split read by a DataLoader: `workers` persistent processes, pinned memory on cuda.
-    One DataLoader per (batch_size, drop_last, augment), created on first use and kept (its workers too)."""
+class StreamLoader:
+    """A split read by a DataLoader: `workers` persistent processes, pinned memory on cuda. One DataLoader
+    per (batch_size, drop_last, augment), created on first use and kept (its workers too)."""
 
-    def __init__(self, folder, size: int, mean, std, *, device: torch.device, seed: int, stream: str,
-                 workers: int, augment: bool):
-        prefix = os.path.join(folder.root, "")  # paths are stored relative to it (join keeps absolute ones)
-        rel = (p[len(prefix):] if p.startswith(prefix) else p for p, _ in folder.samples)
-        self.root, self.paths = folder.root, np.array([os.fsencode(p) for p in rel])
-        self.targets = np.array(folder.targets, dtype=np.int64)
-        self.size, self.device, self.seed, self.stream = size, device, seed, stream
-        self.workers, self.can_augment = workers, augment
+    def __init__(self, split: Split, size: int, mean, std, *, device: torch.device, seed: int, stream: str,
+                 workers: int, augment: bool, name: str):
+        self.split, self.size, self.device, self.seed, self.stream = split, size, device, seed, stream
+        self.workers, self.can_augment, self.name = workers, augment, name
         self.scale, self.offset = affine(mean, std, 255.0, device)
         self._loaders: dict = {}
+        self.unreadable: set[int] = set()
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.split)
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         return count_batches(len(self), batch_size, drop_last)
@@ -117,26 +126,57 @@ class _FolderLoader:
         loader.generator.manual_seed(stream_seed(self.seed, epoch, self.stream + "/workers"))
         pin = self.device.type == "cuda"
         for x, y in loader:
+            if bool((y < 0).any()):
+                x, y = self._drop_unreadable(x, y)
+                if not len(y):
+                    continue
             x, y = x.to(self.device, non_blocking=pin), y.to(self.device, non_blocking=pin)
             yield torch.addcmul(self.offset, x, self.scale), y
+
+    def _drop_unreadable(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        for i in (-1 - y[y < 0]).tolist():
+            if i not in self.unreadable:
+                self.unreadable.add(i)
+                print(f"notice: {self.name}: cannot decode {self.split.path(i)}: {_why(self.split.path(i))}; "
+                      f"left out ({len(self.unreadable)} file(s) so far); delete or replace it",
+                      file=sys.stderr, flush=True)
+        keep = y >= 0
+        return x[keep], y[keep]
 
     def _loader(self, batch_size: int, drop_last: bool, augment: bool) -> torch.utils.data.DataLoader:
         key = (batch_size, drop_last, augment)
         if key not in self._loaders:
             self._loaders[key] = torch.utils.data.DataLoader(
-                _Folder(self.root, self.paths, self.targets, self.size, augment), batch_size=batch_size,
+                _Folder(self.split, self.size, augment), batch_size=batch_size,
                 sampler=_EpochSampler(len(self), self.seed, self.stream), drop_last=drop_last,
                 num_workers=self.workers, persistent_workers=self.workers > 0,
                 pin_memory=self.device.type == "cuda", generator=torch.Generator())
         return self._loaders[key]
 
 
+def _why(path: str) -> str:
+    from PIL import Image
+    try:
+        with Image.open(path) as f:
+            f.convert("RGB")
+    except UNREADABLE as e:
+        return first_line(e)
+    return "unreadable"
+
+
+def streamed(train: Split, val: Split, size: int, mean, std, *, cfg: DataCfg, device: torch.device,
+             seed: int, name: str) -> Data:
+    """Data of two scanned splits streamed at `size` pixels."""
+    kw = dict(device=device, seed=seed, workers=cfg.workers, name=name)
+    return Data(StreamLoader(train, size, mean, std, stream="train", augment=cfg.augment, **kw),
+                StreamLoader(val, size, mean, std, stream="val", augment=False, **kw),
+                num_classes=len(train.classes), in_channels=3, input_size=size, name=name)
+
+
 def load_imagenet(cfg: DataCfg, device: torch.device, seed: int) -> Data:
-    """ImageFolder on root/train and root/val (scanning the folders happens here; decoding per batch)."""
-    from torchvision.datasets import ImageFolder
-    size = cfg.image_size or DEFAULT_SIZE["imagenet"]
-    train, val = (ImageFolder(os.path.join(root_of(cfg), s)) for s in ("train", "val"))
-    kw = dict(device=device, seed=seed, workers=cfg.workers)
-    return Data(_FolderLoader(train, size, *IMAGENET_STATS, stream="train", augment=cfg.augment, **kw),
-                _FolderLoader(val, size, *IMAGENET_STATS, stream="val", augment=False, **kw),
-                num_classes=len(train.classes), in_channels=3, input_size=size, name="imagenet")
+    """ImageNet's train/ and val/ (scanned here; decoded per batch) at data.image_size (224), ImageNet's
+    statistics unless data.mean / data.std are given."""
+    train, val, _ = scan(root_of(cfg), "imagenet")
+    mean, std = cfg.mean or IMAGENET_STATS[0], cfg.std or IMAGENET_STATS[1]
+    return streamed(train, val, cfg.image_size or DEFAULT_SIZE["imagenet"], mean, std, cfg=cfg, device=device,
+                    seed=seed, name="imagenet")
