@@ -61,12 +61,20 @@ def test_gpu_throughput_cpu_quick():
     assert float(r["alone_img_s"]) > 0 and float(r["shared_total_img_s"]) > 0
 
 
-@pytest.mark.parametrize("name", ["gpu_throughput", "overhead", "data_pipeline", "vs_optuna"])
+@pytest.mark.slow
+def test_cifar_recipes_cpu_quick():
+    """Both full-scale recipes' own configs, shortened, on the bundled CIFAR-10 subset (quick: resnet20 only)."""
+    r = run_bench("cifar_recipes", "--device", "cpu", "--quick", timeout=400)
+    assert r["goal"] == 0.5 and r["device"] == "cpu" and r["dataset"] == "folder" and r["ratio"] > 0
+    assert float(r["resnet20_full_h"]) > 0
+
+
+@pytest.mark.parametrize("name", ["gpu_throughput", "cifar_recipes", "overhead", "data_pipeline", "vs_optuna"])
 def test_cuda_without_a_gpu_is_one_line(name):
     import torch
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    args = ["--device", "cuda"] if name != "gpu_throughput" else []   # gpu_throughput's default is cuda
+    args = ["--device", "cuda"] if name not in ("gpu_throughput", "cifar_recipes") else []   # their default: cuda
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", f"{name}.py"), *args], cwd=ROOT,
                        env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and not p.stdout.strip()

@@ -55,7 +55,7 @@ def test_dense_then_gated_on_full_cifar10(cifar10, tmp_path):
     states = []
     dense = fit(_cfg(root, optimizer={"lr": 0.05}), lambda m, s: states.append(s), data=data,
                 device=torch.device("cpu"))
-    assert dense["top1"] > 35   # the issue measured 41.96 after one epoch
+    assert dense["top1"] > 35   # one dense epoch of the 50,000 reached 41.96% through the old imagenet path
     path = tmp_path / "dense.pt"
     torch.save(states[-1], path)
     net = models.build("resnet20", num_classes=10, in_channels=3, input_size=32, weights=str(path),

@@ -180,3 +180,38 @@ def test_driver_killed_during_confirmation_runs_no_seed_twice(tmp_path):
     assert (df["status"] == "completed").all() and (df["epochs"] == 3).all()
     origin = df.set_index("trial_id").loc[replicas["confirms"].iloc[0]]
     assert origin["n_seeds"] == 3
+
+
+@pytest.mark.slow
+def test_driver_killed_during_the_dense_pretraining_resumes_it(tmp_path):
+    """search.pretrain: the driver is SIGKILLed after the dense trial's first epoch; `gatetune resume` goes on
+    from that checkpoint (epoch 1 is not trained again), then every search trial starts from its weights."""
+    run_dir = tmp_path / "pretrain"
+    cmd = [*GATETUNE, "search", QUICK, "train.epochs=2", "search.num_samples=2", "search.scheduler.name=fifo",
+           "search.pretrain={epochs: 4, lr: 0.05}", "--storage", str(tmp_path), "--name", "pretrain"]
+    p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+
+    def pretrain_dir() -> Path | None:
+        for params in run_dir.glob("trial_*/params.json"):
+            if json.loads(params.read_text()).get(layout.PRETRAIN):
+                return params.parent
+        return None
+
+    deadline = time.time() + 300
+    while time.time() < deadline and not (pretrain_dir() and any(pretrain_dir().glob("checkpoint_000000"))):
+        time.sleep(0.1)
+    assert pretrain_dir() is not None, "the dense pretraining wrote no checkpoint within 300 s"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not any(pretrain_dir().glob("checkpoint_000003")), "killed too late: the pretraining had ended"
+    r = subprocess.run([*GATETUNE, "resume", str(run_dir)], env=ENV, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    df = read_report(run_dir / "report.csv")
+    pre = df[df["pretrain"]]
+    assert len(pre) == 1 and pre["status"].iloc[0] == "completed" and pre["epochs"].iloc[0] == 4
+    epochs = _epochs(pretrain_dir())
+    assert epochs.count(1.0) == 1 and epochs[-1] == 4.0, epochs   # resumed, not started over
+    rest = df[~df["pretrain"]]
+    assert len(rest) == 2 and (rest["started_from"] == pre["trial_id"].iloc[0]).all()
+    assert (rest["status"] == "completed").all() and (rest["epochs"] == 2).all()
