@@ -66,6 +66,7 @@ def run(recipe: str, a, storage: Path) -> dict:
     short = [f"data.dataset={a.dataset}", f"data.root={a.root}", f"train.device={a.device}",
              f"search.pretrain.epochs={a.epochs}", f"train.epochs={a.epochs}", "search.num_samples=1",
              "space.gating.density={grid: [0.5]}", "search.confirm=null", "train.keep_checkpoints=1",
+             "search.scheduler={name: fifo}",
              f"train.batch_size={a.batch}", f"search.resources={resources}",
              f"search.pretrain.resources={resources}"]
     if a.device == "cpu":
@@ -119,7 +120,8 @@ def main() -> None:
     where = torch.cuda.get_device_name(0) if a.device == "cuda" else f"CPU {os.cpu_count()} cores"
     import ray
     with tempfile.TemporaryDirectory(prefix="gatetune-bench-") as tmp:
-        if a.quick:
+        if a.quick:   # a throwaway copy: its decoded cache goes with it
+            os.environ["GATETUNE_CACHE_DIR"] = str(Path(tmp, "cache"))
             a.root, a.dataset, a.epochs, a.batch, recipes = str(small_copy(Path(a.root), Path(tmp, "data"), 20)), \
                 "folder", 1, 32, ["cifar10_resnet20"]
         if a.device == "cuda":
