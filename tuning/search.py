@@ -1,9 +1,12 @@
 """`gatetune search` / `gatetune resume`: a Ray Tune search over a YAML space.
 
-    Tuner(trainable with resources, StudySearch(Optuna: define-by-run space, TPE, seeded, SQLite study;
-                                                then the seed replicas of search.confirm),
+    Tuner(trainable with resources (search.pretrain's own for the dense trial),
+          StudySearch(the dense pretraining first; Optuna: define-by-run space, TPE or NSGA-II, seeded, the
+                      study in memory and pickled with Ray's snapshot, optuna.db an export; then the seed
+                      replicas of search.confirm),
           ASHA on top1 with time attribute `epoch` (or FIFO, or ASHA per density bucket),
-          RunConfig(storage/name, FailureConfig(max_failures), CheckpointConfig(keep best N + latest)))
+          RunConfig(storage/name, FailureConfig(max_failures), callbacks: PruneCheckpoints (the newest
+                    train.keep_checkpoints per trial), KeepState (local run folders)))
 
     run_dir, ok = run_search(load("search_spaces/quickstart.yaml"), storage="/abs/runs", name="q1",
                              callbacks=[MyTuneCallback()], reuse_actors=True)
@@ -129,8 +132,9 @@ def sampler(cfg: C.Config):
         return optuna.samplers.TPESampler(seed=cfg.seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=cfg.seed)
+    from gatetune.tuning.searcher import NSGAIISampler
     # NSGA-II's default population (50) would make a small search all random first generation
-    return optuna.samplers.NSGAIISampler(seed=cfg.seed, population_size=max(4, min(50, cfg.search.num_samples // 4)))
+    return NSGAIISampler(seed=cfg.seed, population_size=max(4, min(50, cfg.search.num_samples // 4)))
 
 
 def _num_samples(plan: S.SearchPlan) -> int:

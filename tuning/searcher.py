@@ -28,12 +28,13 @@ snapshots, so a resumed search hands out no seed twice.
 """
 from __future__ import annotations
 
-__all__ = ["StudySearch"]
+__all__ = ["StudySearch", "NSGAIISampler"]
 
 import math
 import os
 import pickle
 import tempfile
+import threading
 import warnings
 
 import optuna
@@ -45,6 +46,24 @@ from gatetune.core.storage import RunStore
 from gatetune.tuning import space as S
 
 _STATE = optuna.trial.TrialState
+
+
+class NSGAIISampler(optuna.samplers.NSGAIISampler):
+    """Optuna's NSGA-II, picklable: from Optuna 5.1 the genetic samplers hold a threading.Lock (their
+    generation cache), and Ray pickles this searcher, study and sampler included, at every snapshot. The
+    lock is left out of the pickle and a new one made when it is read back."""
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if "_thread_lock" in state:
+            state["_thread_lock"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "_thread_lock" in state:
+            self._thread_lock = threading.Lock()
+
 _PROCESS_ONLY = ("exported", "_copy", "_sink", "_pickled")   # this process's export and pickle cache, never pickled
 
 
