@@ -8,9 +8,9 @@ beside a live search or on a copy of the folder elsewhere:
 """
 
 from ._collect import STATUSES, ReportError, collect
-from ._report import read_report, write_report
+from ._report import baseline_line, read_report, seeds_markdown, write_report
 from ._seeds import dense_baseline, front_trials
 from ._table import COLUMNS, pareto_mask, summary_markdown, table
 
-__all__ = ["ReportError", "collect", "table", "summary_markdown", "write_report", "pareto_mask", "front_trials", "dense_baseline",
-           "COLUMNS", "STATUSES", "read_report"]
+__all__ = ["ReportError", "collect", "table", "summary_markdown", "seeds_markdown", "baseline_line", "write_report",
+           "pareto_mask", "front_trials", "dense_baseline", "COLUMNS", "STATUSES", "read_report"]

@@ -85,29 +85,20 @@ def _report_text(name: str, path: Path, df: pd.DataFrame, size: int, image: str,
         + (" `latency_ratio`: batch-1 CPU latency (1 thread) of the channel-skipping inference path over the "
            "dense network with the same weights, measured at the end of the search for the Pareto trials."
            if "latency_ratio" in df else ""), "",
-        "## Summary", "", *_baseline_line(df), summary_markdown(df),
+        "## Summary", "", baseline_line(df), "", summary_markdown(df),
         *_seeds_section(df),
         *_health_section(df),
         "## All trials", "", _full_table(df),
         "## Pareto front", "", f"![top-1 against MACs ratio and density]({image})", ""])
 
 
-def _baseline_line(df: pd.DataFrame) -> list[str]:
-    """Which dense trial the gated ones are compared with (the plot's dashed line)."""
-    base = dense_baseline(df)
-    if base is None:
-        return ["No dense baseline: no dense trial (target density 1.0 or nothing gated) trained its full budget.", ""]
-    how = (f"the dense pretraining every search trial started from, {float(base['epochs']):g} epochs"
-           if is_true(base.get("pretrain")) else "the best dense trial that trained its full budget")
-    return [f"Dense baseline: trial `{base['trial_id']}` ({how}), top-1 {float(base['top1']):.2f}%.", ""]
-
-
-def _seeds_section(df: pd.DataFrame) -> list[str]:
-    """'Front over N seeds': each confirmed config's mean and std over its seeds, best mean first."""
+def seeds_markdown(df: pd.DataFrame) -> str:
+    """The confirmed configs' table (mean and std over their seeds, gate_health over them, the front over the
+    means), best mean first; "" when no config was confirmed. report.md and the end of a search show it."""
     confirmed = df[df["n_seeds"].notna()].sort_values("top1_mean", ascending=False, kind="stable")
     if confirmed.empty:
-        return []
-    n = int(confirmed["n_seeds"].max())
+        return ""
+
     def health(origin) -> str:   # over the config's seeds: "ok", or "ok 2, collapsed 1"
         seeds = df[(df["trial_id"] == origin) | (df["confirms"] == origin)]["gate_health"].astype(str)
         counts = seeds[seeds != ""].value_counts()
@@ -116,9 +107,25 @@ def _seeds_section(df: pd.DataFrame) -> list[str]:
     rows = [[cell(r["trial_id"]), f"{100 * r['density_mean']:.2f}%", f"{100 * r['macs_ratio_mean']:.2f}%",
              f"{r['top1_mean']:.2f} ± {0 if is_missing(r['top1_std']) else r['top1_std']:.2f}", f"{int(r['n_seeds'])}",
              health(r["trial_id"]), "yes" if r["pareto_seeds"] else ""] for _, r in confirmed.iterrows()]
-    table = markdown_table(["config (trial)", "density", "macs_ratio", "top1 mean ± std", "seeds", "gate_health",
-                            "front"], rows, "lrrrrll")
-    return [f"## Front over {n} seeds", "",
+    return markdown_table(["config (trial)", "density", "macs_ratio", "top1 mean ± std", "seeds", "gate_health",
+                           "front"], rows, "lrrrrll")
+
+
+def baseline_line(df: pd.DataFrame) -> str:
+    """Which dense trial the gated ones are compared with (the plot's dashed line), in one sentence."""
+    base = dense_baseline(df)
+    if base is None:
+        return "No dense baseline: no dense trial (target density 1.0 or nothing gated) trained its full budget."
+    how = (f"the dense pretraining every search trial started from, {float(base['epochs']):g} epochs"
+           if is_true(base.get("pretrain")) else "the best dense trial that trained its full budget")
+    return f"Dense baseline: trial `{base['trial_id']}` ({how}), top-1 {float(base['top1']):.2f}%."
+
+
+def _seeds_section(df: pd.DataFrame) -> list[str]:
+    table = seeds_markdown(df)
+    if not table:
+        return []
+    return [f"## Front over {int(df['n_seeds'].max())} seeds", "",
             "Each confirmed config trained again with other seeds (its replicas name it under `confirms`); mean "
             "and sample standard deviation over its seeds; gate_health over its seeds. `front`: not dominated in mean "
             "top1 and mean macs_ratio (or density, with `search.confirm.front: pareto_density`).", "", table]

@@ -129,4 +129,6 @@ def test_search_pretrains_a_dense_net_and_every_trial_starts_from_it(ray_local, 
         tuned = convs(tid)
         assert all(torch.allclose(tuned[k], w, atol=1e-6) for k, w in dense.items()), tid
     report = open(os.path.join(run_dir, "report.md")).read()
-    assert f"Dense baseline: trial `{pid}` (the dense pretraining every search trial started from, 2 epochs)" in report
+    baseline = f"Dense baseline: trial `{pid}` (the dense pretraining every search trial started from, 2 epochs)"
+    assert baseline in report
+    assert f"front over 2 seeds; {baseline}" in out and "| config (trial) | density | macs_ratio |" in out

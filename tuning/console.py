@@ -63,7 +63,7 @@ def summary(df, plan, elapsed: float, run_dir: str) -> list[str]:
     if confirm is not None:
         n = int(df["n_seeds"].notna().sum())
         lines.append(f"confirmed {n} front config(s) over {confirm.seeds} seeds: {int((df['confirms'] != '').sum())} "
-                     f"replica trials; the front over seeds is in report.md")
+                     f"replica trials; the front over seeds below and in report.md")
     df = search
     s = plan.cfg.search.scheduler
     if s.name == "fifo":

@@ -192,6 +192,9 @@ def _finish(run_dir: str, results, plan: S.SearchPlan, started: float) -> bool:
     for line in summary(df, plan, time.time() - started, run_dir):
         print(line)
     print(R.summary_markdown(df))
+    front = R.seeds_markdown(df)
+    if front:   # the confirmed front, what the search was for
+        print(f"\nfront over {int(df['n_seeds'].max())} seeds; {R.baseline_line(df)}\n{front}")
     print(f"\nreport: {RunStore(run_dir).uri(layout.REPORT_CSV)}, {layout.REPORT_MD}, {layout.PARETO_PNG}")
     if len(df) and (df["status"] == "error").all():
         print(f"every trial failed: see error.txt in the trial folders of {run_dir}")
