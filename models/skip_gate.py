@@ -50,6 +50,8 @@ def folded_predictor(g: GatedConv2d) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', b') with W' . scale_free(p) + b' == predictor(predictor_input(p)) in eval: the running
     standardisation and INPUT_GAIN folded into the predictor's weight and bias."""
     n, lin = g.pool_norm, g.predictor
+    if not bool(g.standardise):
+        return lin.weight.detach() * INPUT_GAIN, lin.bias.detach()
     a = INPUT_GAIN * torch.rsqrt(n.running_var + n.eps)
     w = lin.weight.detach() * a[None, :]
     return w, lin.bias.detach() - w @ n.running_mean

@@ -33,6 +33,8 @@ def _saliency(gate, x, batch_stats, running=None):
     running: the (mean, var) the gate held before the forward (eval, or a batch of one)."""
     p = x.abs().mean((2, 3))
     q = p / (p.mean(1, keepdim=True) + 1e-6)
+    if not bool(gate.standardise):   # built from scratch: not standardised
+        return F.relu(gate.predictor(0.3 * q))
     if batch_stats:
         mu, var = q.mean(0), q.var(0, unbiased=False)
     else:

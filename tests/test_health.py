@@ -15,8 +15,10 @@ def _net(density: float, gate="all"):
 
 
 def _dynamic(net):
-    """Gates that vary with the input: training-mode forwards on noise settle the running statistics of the
-    predictor's input normalisation, which an untrained net lacks."""
+    """Gates that vary with the input: the pooled input standardised (as when built from dense weights), its
+    running statistics settled by training-mode forwards on noise."""
+    for g in net.gates.values():
+        g.standardise.fill_(True)
     net.train()
     with torch.no_grad():
         for i in range(30):
