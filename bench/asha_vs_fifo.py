@@ -55,8 +55,8 @@ import yaml  # noqa: E402
 from gatetune import results  # noqa: E402
 from gatetune.core.dotted import set_dotted  # noqa: E402
 from gatetune.tuning import config as C  # noqa: E402
-from gatetune.tuning import space as S  # noqa: E402
-from gatetune.tuning.search import run_search  # noqa: E402
+from gatetune.tuning.search import space as S  # noqa: E402
+from gatetune.tuning.search.run import run_search  # noqa: E402
 
 GOAL = 0.35       # ASHA epochs / FIFO epochs
 TOP1_SLACK = 0.5  # points of top-1 ASHA's best may trail FIFO's

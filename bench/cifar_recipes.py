@@ -59,7 +59,7 @@ def run(recipe: str, a, storage: Path) -> dict:
     """The short search of one recipe: dense and gated img/s, top-1, and the full recipe's hours."""
     from gatetune import results
     from gatetune.tuning import config as C
-    from gatetune.tuning.search import run_search
+    from gatetune.tuning.search.run import run_search
     path = ROOT / "search_spaces" / f"{recipe}.yaml"
     full = C.load(str(path), [f"data.dataset={a.dataset}", f"data.root={a.root}"])
     resources = "{cpu: 1, gpu: 0}" if a.device == "cpu" else "{cpu: 2, gpu: 1}"

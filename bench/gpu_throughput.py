@@ -75,7 +75,7 @@ def run(kind: str, folder: Path, a) -> dict:
 
     from gatetune import results
     from gatetune.tuning import config as C
-    from gatetune.tuning.search import run_search
+    from gatetune.tuning.search.run import run_search
     arrivals = []   # (time, trial id, epoch, seconds of that iteration), recorded in this process
 
     class Recording(Callback):

@@ -8,7 +8,7 @@ timed call by call in turn on the same images so that machine noise hits all ali
            (models.dense_net: the latency_ratio baseline of `gatetune eval`, a strict one)
   masked   the gated network as trained and evaluated (all channels computed, losers zeroed)
   skip     models.SkipNet: per gated site the variant (skip the suppressed channels, or the dense conv
-           and keep the winners) measured fastest on this machine (models/plan.py; the first forward
+           and keep the winners) measured fastest on this machine (models/inference/autotune.py; the first forward
            calibrates, untimed here), the same path `gatetune eval` times (models.measure_latency)
 Outputs of skip are checked against masked (max |difference| relative to max |masked|).
 The last line is `bench inference: ratio=R goal=0.55 met=yes|no worst=W ...` with R = skip / dense
@@ -29,7 +29,7 @@ import statistics
 import torch
 
 from gatetune import models
-from gatetune.models.skip import time_interleaved
+from gatetune.models.inference.skip import time_interleaved
 
 GOAL = 0.55   # mcifarnet at density 0.5: skipping latency <= 0.55 x dense
 WORST = 1.00  # and never slower than dense, for every model and density

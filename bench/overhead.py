@@ -51,8 +51,8 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 import torch  # noqa: E402
 
 from gatetune.tuning import config as C  # noqa: E402
-from gatetune.tuning import search as search_mod  # noqa: E402
-from gatetune.tuning import space as S  # noqa: E402
+from gatetune.tuning.search import run as search_mod  # noqa: E402
+from gatetune.tuning.search import space as S  # noqa: E402
 
 GOAL = 0.5   # seconds of orchestration per trial, gatetune's settings
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +101,7 @@ def _sync(device: torch.device) -> None:
 def plain_loop(configs: dict[tuple, C.Config], cpus: int, device: str = "cpu") -> tuple[float, dict[tuple, float]]:
     """(data load seconds, fit seconds per config)."""
     from gatetune.tuning.data import load
-    from gatetune.tuning.train import fit
+    from gatetune.tuning.train.loop import fit
     torch.set_num_threads(cpus)
     dev = torch.device(device)
     first = next(iter(configs.values()))

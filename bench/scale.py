@@ -56,7 +56,7 @@ import yaml  # noqa: E402
 
 from gatetune.core import layout  # noqa: E402
 from gatetune.tuning import config as C  # noqa: E402
-from gatetune.tuning.search import run_search  # noqa: E402
+from gatetune.tuning.search.run import run_search  # noqa: E402
 
 GOAL = 0.2   # seconds of orchestration per trial at N (Ray's scalability runs: ~0.14 s per trial slot)
 GOALS = {"rss_mb": 200, "report_s": 10, "bytes_per_trial": 50_000}
@@ -101,9 +101,9 @@ def plain_fit_s(cfg: C.Config, repeats: int = 5) -> float:
     written as the trainable writes it. The fastest of `repeats` (noise only adds time)."""
     import torch
 
-    from gatetune.tuning import checkpoint
+    from gatetune.tuning.train import checkpoint
     from gatetune.tuning.data import load
-    from gatetune.tuning.train import fit
+    from gatetune.tuning.train.loop import fit
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     device = torch.device(cfg.train.device)

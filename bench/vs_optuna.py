@@ -63,13 +63,13 @@ QUICK = ["train.epochs=2", "search.num_samples=4"]
 WORKERS = 2        # Optuna processes: the quickstart runs 2 trials at a time (max_concurrent: 2)
 RESULT = re.compile(r"^(\w+)(?: \(seed .*\))? epoch:\s*([\d.]+)/\d+ \|")
 
-# Ray's start as `gatetune search` does it (tuning/cluster.py connect: include_dashboard=None starts the
+# Ray's start as `gatetune search` does it (tuning/search/cluster.py connect: include_dashboard=None starts the
 # dashboard when its packages are installed), in a fresh process, after the imports the CLI makes first.
 PROBE = r"""
 import json, sys, time
 t = time.perf_counter()
 import ray
-from gatetune.tuning import search  # noqa: F401
+from gatetune.tuning.search import run as search  # noqa: F401
 imports = time.perf_counter() - t
 t = time.perf_counter()
 ctx = ray.init(address="local", include_dashboard=None if sys.argv[1] == "on" else False,
@@ -168,9 +168,9 @@ def optuna_worker(a) -> None:
     import torch
 
     from gatetune.tuning import config as C
-    from gatetune.tuning import space as S
+    from gatetune.tuning.search import space as S
     from gatetune.tuning.data import load
-    from gatetune.tuning.train import fit
+    from gatetune.tuning.train.loop import fit
 
     torch.set_num_threads(1)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -289,7 +289,7 @@ def run_gatetune(tmp: Path, tag: str, overrides: list[str]) -> dict:
 def end_steps(run_dir: Path) -> dict:
     """The end-of-search steps, re-run on a finished run folder in this process (Ray not running)."""
     from gatetune import results
-    from gatetune.tuning.evaluate import pareto_latency
+    from gatetune.tuning.train.evaluate import pareto_latency
     t = time.perf_counter()
     n = pareto_latency(str(run_dir))
     lat = time.perf_counter() - t

@@ -1,5 +1,5 @@
 """The per-machine cache folder: what gatetune derives once and reuses (the compiled gate kernel and the
-inference plans of models/, the decoded image folders of tuning/data/). Deleting it costs time only."""
+inference variant choices of models/inference/, the decoded image folders of tuning/data/). Deleting it costs time only."""
 from __future__ import annotations
 
 __all__ = ["cache_dir"]

@@ -14,7 +14,7 @@ from gatetune.models.registry import default_input, layers_table, list_models, r
 from gatetune.models import nets  # noqa: F401  (registers the networks)
 from gatetune.models.gate import POLICIES, GatedConv2d, active_count
 from gatetune.models.gated_net import GatedNet, build
-from gatetune.models.skip import SkipNet, dense_net, measure_latency
+from gatetune.models.inference.skip import SkipNet, dense_net, measure_latency
 
 __all__ = ["ModelError", "SiteSpec", "GatedNet", "GatedConv2d", "build", "list_models", "site_names",
            "resolve_sites", "layers_table", "default_input", "active_count", "POLICIES",

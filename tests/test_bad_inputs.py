@@ -78,8 +78,8 @@ def test_corpus_is_large_enough():
 @pytest.fixture
 def no_work(monkeypatch):
     """Anything that gets past validation hits a stub instead of training for minutes or starting Ray."""
-    import gatetune.tuning.cluster as cluster_mod
-    import gatetune.tuning.run as run_mod
+    import gatetune.tuning.search.cluster as cluster_mod
+    import gatetune.tuning.train.run as run_mod
 
     def stub(*args, **kwargs):
         raise WorkStarted("the input was accepted and work started")

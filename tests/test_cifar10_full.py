@@ -16,7 +16,7 @@ from gatetune.models import SiteSpec
 from gatetune.tuning import config as C
 from gatetune.tuning.config import DataCfg
 from gatetune.tuning.data import load
-from gatetune.tuning.train import evaluate, fit
+from gatetune.tuning.train.loop import evaluate, fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARBALL = os.path.join(ROOT, "..", "shared", "data", "cifar10-jpeg", "cifar10-jpeg.tar.gz")

@@ -20,7 +20,7 @@ from gatetune.tuning import config as C
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "search_spaces", "quickstart.yaml")
-GRAFANA = os.path.join(ROOT, "tuning", "cluster", "grafana_gatetune.json")
+GRAFANA = os.path.join(ROOT, "deploy", "grafana_gatetune.json")
 
 
 def _scrape() -> dict:
@@ -83,7 +83,7 @@ def test_dashboard_shows_trials_logs_metrics_and_the_job(tmp_path, monkeypatch, 
     import ray
     from ray.util.state import get_log
 
-    from gatetune.tuning.search import run_search
+    from gatetune.tuning.search.run import run_search
     monkeypatch.setenv("RAY_metrics_report_interval_ms", "1000")   # export every second (Ray: 10 s)
     if ray.is_initialized():
         ray.shutdown()

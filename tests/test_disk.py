@@ -46,7 +46,7 @@ def test_full_disk_stops_with_one_line_and_the_same_command_resumes(tmp_path, ca
         if mounted:
             rc, err = _train(out, capsys)
         else:   # no tmpfs here: the second checkpoint write fails as a full disk makes it fail
-            from gatetune.tuning import checkpoint
+            from gatetune.tuning.train import checkpoint
             real, calls = checkpoint.save_atomic, []
 
             def full(state, path):
@@ -81,7 +81,7 @@ def test_read_only_folder_fails_before_any_training(tmp_path, capsys, command):
     try:
         config = DIGITS if command == "train" else QUICK
         flag = "--out" if command == "train" else "--storage"
-        with mock.patch("gatetune.tuning.cluster.connect", side_effect=AssertionError("Ray started")):
+        with mock.patch("gatetune.tuning.search.cluster.connect", side_effect=AssertionError("Ray started")):
             rc = main([command, config, "train.epochs=1", flag, str(ro / "run")])
         err = capsys.readouterr().err
         assert rc == 2 and len(err.strip().splitlines()) == 1, err

@@ -1,4 +1,4 @@
-"""Several processes per run (tuning/distributed.py): batch sharding, process planning, and (slow) a
+"""Several processes per run (tuning/train/distributed.py): batch sharding, process planning, and (slow) a
 digits run on two gloo CPU processes: shards, synchronised weights, checkpoints, exact resume."""
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import pytest
 import torch
 import yaml
 
-from gatetune.tuning import checkpoint as ckpt
+from gatetune.tuning.train import checkpoint as ckpt
 from gatetune.tuning import config as C
 from gatetune.tuning.config import DataCfg
 from gatetune.tuning.data import load
-from gatetune.tuning.ddp import FirstBatch, ShardedLoader
-from gatetune.tuning.distributed import fit_distributed, plan
+from gatetune.tuning.train.ddp import FirstBatch, ShardedLoader
+from gatetune.tuning.train.distributed import fit_distributed, world
 from gatetune.core.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,20 +48,20 @@ def test_first_batch_only():
 
 def test_plan_processes_and_backend(monkeypatch):
     cfg = C.load(DIGITS)
-    assert plan(cfg) == (1, "gloo") and plan(cfg, gpus_granted=0) == (1, "gloo")
+    assert world(cfg) == (1, "gloo") and world(cfg, gpus_granted=0) == (1, "gloo")
     two = C.load(DIGITS, ["train.processes=2"])
-    assert plan(two) == (2, "gloo") and plan(two, gpus_granted=0) == (2, "gloo")
-    assert plan(C.load(DIGITS, ["train.device=cpu", "train.processes=2"]), gpus_granted=2) == (2, "gloo")
+    assert world(two) == (2, "gloo") and world(two, gpus_granted=0) == (2, "gloo")
+    assert world(C.load(DIGITS, ["train.device=cpu", "train.processes=2"]), gpus_granted=2) == (2, "gloo")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert plan(cfg, gpus_granted=2) == (2, "nccl")      # a trial uses every GPU it was granted
-    assert plan(cfg, gpus_granted=1) == (1, "nccl")
-    assert plan(cfg) == (1, "nccl")                      # gatetune train: one GPU unless asked
-    assert plan(two) == (2, "nccl")
+    assert world(cfg, gpus_granted=2) == (2, "nccl")      # a trial uses every GPU it was granted
+    assert world(cfg, gpus_granted=1) == (1, "nccl")
+    assert world(cfg) == (1, "nccl")                      # gatetune train: one GPU unless asked
+    assert world(two) == (2, "nccl")
     with pytest.raises(UserError, match="2 processes need one GPU each"):
-        plan(two, gpus_granted=1)
+        world(two, gpus_granted=1)
     with pytest.raises(UserError, match="8 processes"):
-        plan(C.load(DIGITS, ["train.processes=8"]))
+        world(C.load(DIGITS, ["train.processes=8"]))
     with pytest.raises(UserError, match="processes"):
         C.load(DIGITS, ["train.processes=0"])
 
@@ -101,12 +101,12 @@ def test_two_gloo_processes_train_digits(tmp_path):
     assert p0.keys() == p1.keys() and all(torch.equal(p0[k], p1[k]) for k in p0)
     state = got[1][1]
     fresh = load(cfg.data, CPU, seed=cfg.seed)
-    from gatetune.tuning.train import build_model
+    from gatetune.tuning.train.loop import build_model
     assert list(state["model"]) == list(build_model(cfg, fresh).state_dict())   # no "module." prefixes
     assert all(torch.equal(state["model"][k], p0[k]) for k in p0)
 
     # resume after epoch 1 through train_run (the CLI path): the same epoch-2 weights, bit for bit
-    from gatetune.tuning.run import train_run
+    from gatetune.tuning.train.run import train_run
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
@@ -122,7 +122,7 @@ def test_two_gloo_processes_train_digits(tmp_path):
 def test_divergence_stops_every_rank(tmp_path):
     """A gate loss over train.max_gate_loss on the ranks: all stop at the same step (none waits in a
     collective) and the run folder records the diverged step, as for one process."""
-    from gatetune.tuning.run import train_run
+    from gatetune.tuning.train.run import train_run
     cfg = C.load(DIGITS, ["train.epochs=2", "train.processes=2", "train.threads=1", "gating.weight=1.0e+6",
                           "train.max_gate_loss=100"])
     out, m = train_run(cfg, tmp_path / "d", progress=False)

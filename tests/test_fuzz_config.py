@@ -93,7 +93,7 @@ def _run(text: str | bytes, args: list[str], command: str = "train", extra: dict
         err = io.StringIO()
         started = time.perf_counter()
         stub = mock.Mock(side_effect=WorkStarted)
-        with mock.patch("gatetune.tuning.run.train_run", stub), mock.patch("gatetune.tuning.cluster.connect", stub), \
+        with mock.patch("gatetune.tuning.train.run.train_run", stub), mock.patch("gatetune.tuning.search.cluster.connect", stub), \
                 contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             try:
                 rc = main([command, str(path), *args, "--out" if command == "train" else "--storage", str(out)])

@@ -1,11 +1,11 @@
-"""Gating health (tuning/health.py) from the eval-mode selection counts of a GatedNet."""
+"""Gating health (tuning/train/health.py) from the eval-mode selection counts of a GatedNet."""
 import json
 
 import pytest
 import torch
 
 from gatetune import models
-from gatetune.tuning.health import health_metrics, site_health
+from gatetune.tuning.train.health import health_metrics, site_health
 
 
 def _net(density: float, gate="all"):

@@ -1,4 +1,4 @@
-"""Channel-skipping inference (models/skip.py): same outputs as the masked GatedNet, the dense baseline,
+"""Channel-skipping inference (models/inference/skip.py): same outputs as the masked GatedNet, the dense baseline,
 latency_ratio in `gatetune eval` and in a search report's Pareto trials."""
 import json
 import os
@@ -18,9 +18,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
-def _plans_in_memory(monkeypatch):
-    """Plan choices made under test load stay out of this machine's plan file (models/plan.py)."""
-    monkeypatch.setenv("GATETUNE_PLAN_CACHE", "0")
+def _choices_in_memory(monkeypatch):
+    """Variant choices made under test load stay out of this machine's choice file (models/inference/autotune.py)."""
+    monkeypatch.setenv("GATETUNE_CHOICE_CACHE", "0")
 
 
 @torch.no_grad()
@@ -105,31 +105,31 @@ def test_tied_and_zero_saliencies_keep_the_masked_nets_channels(force):
         _check_match(net, 32, n=2, force=force)
 
 
-def test_plans_are_chosen_per_gate_and_cached(monkeypatch, tmp_path):
-    from gatetune.models import plan
-    monkeypatch.setenv("GATETUNE_PLAN_CACHE", "1")
+def test_variants_are_chosen_per_gate_and_cached(monkeypatch, tmp_path):
+    from gatetune.models.inference import autotune
+    monkeypatch.setenv("GATETUNE_CHOICE_CACHE", "1")
     monkeypatch.setenv("GATETUNE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(plan, "_MEMORY", {})
-    monkeypatch.setattr(plan, "_LOADED", [])
+    monkeypatch.setattr(autotune, "_MEMORY", {})
+    monkeypatch.setattr(autotune, "_LOADED", [])
     net = _gated("digitnet", "fbs", 0.5)
     x = torch.randn(1, 1, 16, 16)
     fast = SkipNet(net)
     with torch.inference_mode():
         ref = fast(x)
-    chosen = fast.plans()
+    chosen = fast.choices()
     assert len(chosen) == len(net.gates) and all(len(p) == 1 for p in chosen.values())
     names = {v for p in chosen.values() for v in p.values()}
     assert names <= {f"{m}-kernel-{b}" for m in ("skip", "dense") for b in ("native", "mkldnn")}
-    record = json.loads(open(plan.plan_file()).read())
+    record = json.loads(open(autotune.choice_file()).read())
     assert len(record) == len(net.gates) and all(e["measured"] == "in situ" for e in record.values())
     calls = []
-    monkeypatch.setattr(plan, "choose", lambda *a, **k: calls.append(a))
-    monkeypatch.setattr(plan, "_MEMORY", {})   # a new process: the choices come from the file
-    monkeypatch.setattr(plan, "_LOADED", [])
+    monkeypatch.setattr(autotune, "choose", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(autotune, "_MEMORY", {})   # a new process: the choices come from the file
+    monkeypatch.setattr(autotune, "_LOADED", [])
     again = SkipNet(net)
     with torch.inference_mode():
         assert torch.allclose(again(x), ref, rtol=1e-5, atol=1e-6)
-    assert not calls and again.plans() == chosen
+    assert not calls and again.choices() == chosen
 
 
 def test_copies_and_dtype_changes_rebind_the_kernel():
@@ -143,7 +143,7 @@ def test_copies_and_dtype_changes_rebind_the_kernel():
         assert torch.allclose(copy.deepcopy(fast)(x), ref, rtol=1e-4, atol=1e-5)
         fast64 = fast.double()   # no float64 kernel: the torch-op variants
         assert torch.allclose(fast64(x.double()).float(), ref, rtol=1e-4, atol=1e-5)
-        assert all("torch" in v for p in fast64.plans().values() for k, v in p.items() if "float64" not in k)
+        assert all("torch" in v for p in fast64.choices().values() for k, v in p.items() if "float64" not in k)
 
 
 def test_skip_is_a_snapshot_for_inference_only():
@@ -184,7 +184,7 @@ def _checkpoint(path, overrides=()):
     """A gatetune checkpoint of an untrained digitnet (no training: the eval path is what is tested)."""
     from gatetune.tuning import config as C
     from gatetune.tuning.data import load
-    from gatetune.tuning.train import build_model
+    from gatetune.tuning.train.loop import build_model
     cfg = C.load(DIGITS, ["train.epochs=1", *overrides])
     net = build_model(cfg, load(cfg.data, torch.device("cpu"), seed=cfg.seed))
     state = {"model": net.state_dict(), "config": C.to_dict(cfg), "epoch": 1, "history": []}
@@ -208,7 +208,7 @@ def test_eval_prints_latency_ratio(tmp_path, capsys):
 def test_pareto_latency_writes_latency_json_that_the_report_reads(tmp_path):
     """A hand-made search folder (no Ray): two trials with a checkpoint each, one dominating."""
     from gatetune import results
-    from gatetune.tuning.evaluate import pareto_latency
+    from gatetune.tuning.train.evaluate import pareto_latency
     run = tmp_path / "search"
     cfg = _checkpoint(run / "trial_aaaa0001" / "checkpoint_000000" / "state.pt")
     _checkpoint(run / "trial_aaaa0002" / "checkpoint_000000" / "state.pt")

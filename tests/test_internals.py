@@ -35,29 +35,29 @@ def test_experiment_state_json_format(tmp_path, ray_local):
 
 
 def test_asha_public_methods_the_schedulers_delegate_to():
-    """tuning/schedulers.py subclasses ASHAScheduler and FIFOScheduler through their public methods."""
+    """tuning/search/schedulers.py subclasses ASHAScheduler and FIFOScheduler through their public methods."""
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     for cls, names in ((ASHAScheduler, ("on_trial_add", "on_trial_result", "on_trial_complete", "on_trial_remove",
                                         "set_search_properties", "debug_string")),
                        (FIFOScheduler, ("choose_trial_to_run", "on_trial_error"))):
         missing = [n for n in names if not callable(getattr(cls, n, None))]
-        assert not missing, f"{cls.__name__} lost {missing}: update tuning/schedulers.py"
+        assert not missing, f"{cls.__name__} lost {missing}: update tuning/search/schedulers.py"
     params = inspect.signature(ASHAScheduler.__init__).parameters
     assert {"time_attr", "metric", "mode", "max_t", "grace_period", "reduction_factor"} <= set(params), \
-        "ASHAScheduler's constructor changed: update tuning/schedulers.py"
+        "ASHAScheduler's constructor changed: update tuning/search/schedulers.py"
 
 
 def test_ddp_remove_autograd_hooks():
-    """tuning/ddp.py (_Replica) rebuilds DistributedDataParallel when a phase changes which parameters
+    """tuning/train/ddp.py (_Replica) rebuilds DistributedDataParallel when a phase changes which parameters
     train, and first detaches the old wrapper with DDP._remove_autograd_hooks (private in torch)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
     assert callable(getattr(DDP, "_remove_autograd_hooks", None)), (
-        "torch's DistributedDataParallel._remove_autograd_hooks is gone: tuning/ddp.py (_Replica) needs another "
+        "torch's DistributedDataParallel._remove_autograd_hooks is gone: tuning/train/ddp.py (_Replica) needs another "
         "way to drop the old wrapper's hooks")
 
 
 def test_function_trainable_mixins_and_repr():
-    """tuning/trainable.py names each trial's actor through Ray's `__mixins__` hook of wrap_function and the
+    """tuning/search/trainable.py names each trial's actor through Ray's `__mixins__` hook of wrap_function and the
     `_name` that ImplicitFunc.__repr__ returns (the dashboard's Repr column)."""
     from ray.tune.trainable.function_trainable import wrap_function
 
@@ -69,7 +69,7 @@ def test_function_trainable_mixins_and_repr():
 
     fn.__mixins__ = (Mixin,)
     cls = wrap_function(fn)
-    assert issubclass(cls, Mixin), "Ray's wrap_function no longer honours __mixins__: update tuning/trainable.py"
+    assert issubclass(cls, Mixin), "Ray's wrap_function no longer honours __mixins__: update tuning/search/trainable.py"
     obj = cls.__new__(cls)
     obj._name = "trial x"
-    assert repr(obj) == "trial x", "ImplicitFunc.__repr__ no longer returns _name: update tuning/trainable.py"
+    assert repr(obj) == "trial x", "ImplicitFunc.__repr__ no longer returns _name: update tuning/search/trainable.py"

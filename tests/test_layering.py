@@ -1,5 +1,6 @@
-"""The package's shape, checked: imports point one way (cli -> search/train -> config/space/data ->
-models/results -> core), no module reaches into another module's private names, and no file is huge."""
+"""The package's shape, checked: imports point one way between packages (cli -> search -> train -> config ->
+data -> models/results -> core), only the search stack imports Ray or Optuna, no module reaches into another
+module's private names, and no file is huge."""
 import ast
 from pathlib import Path
 
@@ -8,13 +9,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"core": "gatetune.core", "models": "gatetune.models", "tuning": "gatetune.tuning",
             "results": "gatetune.results"}
-# A module may import gatetune modules of a strictly lower rank, and its own package (same prefix).
-RANK = {"gatetune.core": 0, "gatetune.models": 1, "gatetune.results": 1, "gatetune.tuning.data": 2,
-        "gatetune.tuning.checkpoint": 2, "gatetune.tuning.schedulers": 2, "gatetune.tuning.health": 2, "gatetune.tuning.live": 2, "gatetune.tuning.snapshot": 2, "gatetune.tuning.cluster": 2,
-        "gatetune.tuning.config": 3, "gatetune.tuning.space": 4, "gatetune.tuning.train": 4,
-        "gatetune.tuning.console": 4, "gatetune.tuning.searcher": 5, "gatetune.tuning.ddp": 5, "gatetune.tuning.evaluate": 5,
-        "gatetune.tuning.distributed": 6, "gatetune.tuning.trainable": 7, "gatetune.tuning.run": 7,
-        "gatetune.tuning.search": 8, "gatetune.tuning.cli": 9, "gatetune.tuning": 9}
+# A module may import gatetune modules of its own package and of packages of a strictly lower rank; a
+# package's __init__ may also re-export its own subpackages (models re-exports models.inference).
+RANK = {"gatetune.core": 0,
+        "gatetune.models": 1, "gatetune.results": 1,
+        "gatetune.models.inference": 2, "gatetune.tuning.data": 2,
+        "gatetune.tuning.config": 3,
+        "gatetune.tuning.train": 4,
+        "gatetune.tuning.search": 5,
+        "gatetune.tuning": 6}
+# The only package that may import these (anywhere, also inside a function).
+SEARCH_ONLY = ("ray", "optuna")
 
 
 def _modules():
@@ -60,10 +65,38 @@ def test_imports_point_one_way(path, module):
     mine = _unit(module)
     for target, line in _imports(tree, module):
         theirs = _unit(target)
-        if theirs == mine or RANK[theirs] < RANK[mine]:
+        if theirs == mine or RANK[theirs] < RANK[mine] or (_is_package(module) and target.startswith(module + ".")):
             continue
         pytest.fail(f"{path.relative_to(ROOT)}:{line}: {module} imports {target} (rank {RANK[theirs]} >= "
                     f"{RANK[mine]}); imports must point down: cli -> search -> ... -> core")
+
+
+def _third_party(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from ((a.name.split(".")[0], node.lineno) for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            yield node.module.split(".")[0], node.lineno
+
+
+@pytest.mark.parametrize("path, module", list(_modules()), ids=lambda v: str(v) if isinstance(v, str) else "")
+def test_only_the_search_stack_imports_ray_and_optuna(path, module):
+    """The training stack (tuning.train, gatetune train), the models, the config and the report run without
+    Ray's or Optuna's import; tuning.search is where a search's engine lives."""
+    if _unit(module) == "gatetune.tuning.search":
+        return
+    for name, line in _third_party(ast.parse(path.read_text())):
+        assert name not in SEARCH_ONLY, (f"{path.relative_to(ROOT)}:{line}: {module} imports {name}; only "
+                                         "tuning/search/ may (move the code there, or pass what it needs in)")
+
+
+def test_every_package_is_ranked():
+    """Each folder with an __init__.py is ranked or inside a ranked one (a new package gets a place)."""
+    for path, module in _modules():
+        if path.name == "__init__.py":
+            assert _unit(module), module
+    units = {_unit(m) for _, m in _modules()}
+    assert units == set(RANK), f"ranked but holding no module: {set(RANK) - units}"
 
 
 def _all_files():

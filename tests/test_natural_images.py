@@ -19,7 +19,7 @@ from gatetune.models import SiteSpec
 from gatetune.tuning import config as C
 from gatetune.tuning.config import DataCfg
 from gatetune.tuning.data import from_tensors, load
-from gatetune.tuning.train import evaluate, fit
+from gatetune.tuning.train.loop import evaluate, fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBSET = os.path.join(ROOT, "data", "cifar10-subset")

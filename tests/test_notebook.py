@@ -9,8 +9,8 @@ import torch
 
 from gatetune.tuning import config as C
 from gatetune.core.errors import UserError
-from gatetune.tuning.run import train_run
-from gatetune.tuning.train import build_model
+from gatetune.tuning.train.run import train_run
+from gatetune.tuning.train.loop import build_model
 from gatetune.tuning.data import load as load_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

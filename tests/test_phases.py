@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from gatetune.tuning import config as C
-from gatetune.tuning import space as S
+from gatetune.tuning.search import space as S
 from gatetune.core.errors import UserError
-from gatetune.tuning.space import SearchPlan, prepare, start_points
-from gatetune.tuning.train import fit
+from gatetune.tuning.search.space import SearchPlan, prepare, start_points
+from gatetune.tuning.train.loop import fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "search_spaces", "digits.yaml")
@@ -21,14 +21,14 @@ TWO = ["train.phases=[{epochs: 1, trainable: none, weight: 1.0e-4, lr: 0.05}, "
 def test_phases_freeze_then_train_with_their_own_weight_and_lr(one_thread):
     cfg = C.load(DIGITS, TWO)
     assert cfg.train.epochs == 3                                   # the phases' sum replaces digits.yaml's 10
-    plan = C.phase_plan(cfg)
-    assert [(p.start, p.end, p.lr) for p in plan] == [(0, 1, 0.05), (1, 3, 0.02)]
-    assert plan[0].trainable == frozenset() and len(plan[1].trainable) == 6
-    assert set(plan[0].weights.values()) == {1e-4} and all(w == pytest.approx(1e-7) for w in plan[1].weights.values())
+    phases = C.phases(cfg)
+    assert [(p.start, p.end, p.lr) for p in phases] == [(0, 1, 0.05), (1, 3, 0.02)]
+    assert phases[0].trainable == frozenset() and len(phases[1].trainable) == 6
+    assert set(phases[0].weights.values()) == {1e-4} and all(w == pytest.approx(1e-7) for w in phases[1].weights.values())
     states, metrics = [], []
     fit(cfg, lambda m, s: (metrics.append(m), states.append({k: v.clone() for k, v in s["model"].items()})))
     torch.manual_seed(cfg.seed)
-    from gatetune.tuning.train import build_model
+    from gatetune.tuning.train.loop import build_model
     from gatetune.tuning.data import load
     init = build_model(cfg, load(cfg.data, torch.device("cpu"), seed=cfg.seed)).state_dict()
     convs = [k for k in init if k.endswith("conv.weight")]

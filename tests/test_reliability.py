@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from gatetune.core import layout
-from gatetune.tuning import checkpoint as ckpt
+from gatetune.tuning.train import checkpoint as ckpt
 from gatetune.tuning import config as C
-from gatetune.tuning.run import train_run
-from gatetune.tuning.trainable import resume_state
+from gatetune.tuning.train.run import train_run
+from gatetune.tuning.search.trainable import resume_state
 from gatetune.results import read_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +39,7 @@ def test_worker_node_dies_mid_trial(tmp_path):
     """Two nodes on loopback, a trial on each; the worker node is killed after both have checkpoints."""
     import ray
     from ray.cluster_utils import Cluster
-    from gatetune.tuning.search import run_search
+    from gatetune.tuning.search.run import run_search
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=1)
@@ -103,7 +103,7 @@ def test_driver_sigkill_then_resume(tmp_path):
 
 
 def test_divergent_trial_is_marked_and_others_go_on(ray_local, tmp_path):
-    from gatetune.tuning.search import run_search
+    from gatetune.tuning.search.run import run_search
     cfg = C.load(QUICK, ["train.epochs=2", "search.num_samples=1", "train.max_gate_loss=100",
                          "space.gating.weight={grid: [1.0e-6, 1.0e+6]}", "search.scheduler.name=fifo"])
     run_search(cfg, storage=str(tmp_path), name="div")

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 from ray.tune.schedulers import TrialScheduler
 
-from gatetune.tuning.schedulers import DecisionLog, DensityStratifiedASHA, RecordingASHA, rungs
+from gatetune.tuning.search.schedulers import DecisionLog, DensityStratifiedASHA, RecordingASHA, rungs
 
 DENSITIES = (0.25, 0.5, 0.75, 1.0)
 MAX_T = 8
@@ -116,8 +116,8 @@ def test_recheck_needs_one_bracket():
 @pytest.mark.parametrize("name", ["asha", "asha_by_density"])
 def test_recheck_from_config(tmp_path, name):
     from gatetune.tuning import config as C
-    from gatetune.tuning import space as S
-    from gatetune.tuning.schedulers import build
+    from gatetune.tuning.search import space as S
+    from gatetune.tuning.search.schedulers import build
     cfg = C.Config(train={"epochs": 8}, search={"scheduler": {"name": name, "reduction_factor": 4, "recheck": True}},
                    space={"gating.density": {"choice": [0.25, 1.0]}})
     sched = build(S.prepare(cfg, "x.yaml"), DecisionLog(tmp_path))
@@ -129,8 +129,8 @@ def test_recheck_from_config(tmp_path, name):
 @pytest.mark.parametrize("name", ["asha", "asha_by_density", "fifo"])
 def test_scheduler_from_config(tmp_path, name):
     from gatetune.tuning import config as C
-    from gatetune.tuning import space as S
-    from gatetune.tuning.schedulers import build
+    from gatetune.tuning.search import space as S
+    from gatetune.tuning.search.schedulers import build
     cfg = C.Config(search={"scheduler": {"name": name}},
                    space={"gating.density": {"uniform": [0.2, 1.0]}})
     plan = S.prepare(cfg, "x.yaml")
@@ -144,7 +144,7 @@ def test_multi_objective_config():
     import optuna
     from gatetune.tuning import config as C
     from gatetune.core.errors import UserError
-    from gatetune.tuning.search import objectives, sampler
+    from gatetune.tuning.search.run import objectives, sampler
     cfg = C.Config(search={"objectives": [{"top1": "max"}, {"macs_ratio": "min"}],
                            "scheduler": {"name": "asha_by_density"}})
     assert objectives(cfg) == (["top1", "macs_ratio"], ["max", "min"])
@@ -162,7 +162,7 @@ def test_every_sampler_survives_the_snapshot_pickle(name):
     import optuna
     import ray.cloudpickle
     from gatetune.tuning import config as C
-    from gatetune.tuning.search import sampler
+    from gatetune.tuning.search.run import sampler
     cfg = C.Config(seed=3, search={"sampler": name, "num_samples": 8})
     study = optuna.create_study(sampler=sampler(cfg), directions=["maximize", "minimize"])
     for _ in range(6):
@@ -180,7 +180,7 @@ def test_real_search_plain_asha_starves_a_density_bucket_stratified_does_not(ray
     import os
     from gatetune import results
     from gatetune.tuning import config as C
-    from gatetune.tuning.search import run_search
+    from gatetune.tuning.search.run import run_search
     quick = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "search_spaces",
                          "quickstart.yaml")
     common = ["train.epochs=4", "train.keep_checkpoints=1", "search.num_samples=2", "search.max_concurrent=2",

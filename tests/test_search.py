@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from gatetune import results
-from gatetune.tuning import checkpoint, config as C
+from gatetune.tuning import config as C
+from gatetune.tuning.train import checkpoint
 from gatetune.core.errors import UserError
-from gatetune.tuning.search import run_search
+from gatetune.tuning.search.run import run_search
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.path.join(ROOT, "search_spaces", "quickstart.yaml")

@@ -97,9 +97,9 @@ def test_search_errors_one_line_exit_2(tmp_path, capsys, args, words):
 
 
 def test_example_cluster_file_passes_ray_schema():
-    """tuning/cluster/onprem.yaml is what `ray up` reads: Ray's own validator accepts it."""
+    """deploy/onprem.yaml is what `ray up` reads: Ray's own validator accepts it."""
     import yaml
     from ray.autoscaler._private.util import prepare_config, validate_config
-    cfg = yaml.safe_load(open(os.path.join(ROOT, "tuning", "cluster", "onprem.yaml")))
+    cfg = yaml.safe_load(open(os.path.join(ROOT, "deploy", "onprem.yaml")))
     validate_config(prepare_config(cfg))
     assert cfg["provider"]["type"] == "local" and "--dashboard-host=127.0.0.1" in cfg["head_start_ray_commands"][1]

@@ -8,7 +8,7 @@ import yaml
 from PIL import Image
 
 from gatetune.tuning import config as C
-from gatetune.tuning.space import prepare
+from gatetune.tuning.search.space import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILES = sorted(glob.glob(os.path.join(ROOT, "search_spaces", "*.yaml")))

@@ -6,7 +6,7 @@ import pickle
 import pytest
 
 from gatetune.core.errors import UserError
-from gatetune.tuning.snapshot import KeepState, recover
+from gatetune.tuning.search.snapshot import KeepState, recover
 
 S1, S2 = "2026-11-25_10-00-00", "2026-11-25_11-30-00"
 

@@ -3,7 +3,7 @@ import optuna
 import pytest
 
 from gatetune.tuning import config as C
-from gatetune.tuning import space as S
+from gatetune.tuning.search import space as S
 from gatetune.core.errors import UserError
 
 KEYS = C.config_keys()

@@ -11,7 +11,7 @@ import torch
 
 from gatetune.tuning import config as C
 from gatetune.tuning.cli import main
-from gatetune.tuning.run import train_run
+from gatetune.tuning.train.run import train_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = os.path.join(ROOT, "search_spaces", "digits.yaml")

@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(a) -> None:
     from gatetune.tuning import config as C
-    from gatetune.tuning.run import train_run
+    from gatetune.tuning.train.run import train_run
     cfg = C.load(a.config, a.overrides)
     for line in cfg.notices:
         print(line, file=sys.stderr)
@@ -84,7 +84,7 @@ def _train(a) -> None:
 
 
 def _eval(a) -> None:
-    from gatetune.tuning.evaluate import eval_checkpoint
+    from gatetune.tuning.train.evaluate import eval_checkpoint
     m = eval_checkpoint(a.checkpoint, a.overrides)
     print(f"top1: {m['top1']:.2f}%, top5: {m['top5']:.2f}%, density: {100 * m['density']:.2f}%, "
           f"macs: {m['macs']:.4g} ({100 * m['macs_ratio']:.1f}% of dense) [{m['images']} images]")
@@ -117,7 +117,7 @@ def _layers(a) -> None:
 
 def _search(a) -> None:
     from gatetune.tuning import config as C
-    from gatetune.tuning.search import job_metadata, run_search
+    from gatetune.tuning.search.run import job_metadata, run_search
     if a.job_metadata:
         import json
         cfg = C.load(a.config, a.overrides, environment=False)
@@ -131,7 +131,7 @@ def _search(a) -> None:
 
 
 def _resume(a) -> None:
-    from gatetune.tuning.search import resume_search
+    from gatetune.tuning.search.run import resume_search
     _, ok = resume_search(a.run_dir, address=a.address, dashboard_host=a.dashboard_host, verbose=a.verbose)
     if not ok:
         raise SystemExit(1)

@@ -8,12 +8,12 @@ Four jobs, one module each:
     loader       YAML files, `_import`, dotted overrides, the notebook's Mayo files (mayo.py)
     validate     raw dict -> Config, every mistake as one UserError line (file, key, fix); no I/O
     environment  the weights file, data root and GPU, once per command
-plus plan.py, what a valid config means for a network (site specs, training phases).
+plus resolve.py, what a valid config means for a network (site specs, training phases).
 """
 from gatetune.core.dotted import config_diff, get_dotted, set_dotted
 from gatetune.tuning.config.environment import check_environment
 from gatetune.tuning.config.loader import merge, parse_override, read_config, read_file
-from gatetune.tuning.config.plan import Phase, phase_plan, site_specs
+from gatetune.tuning.config.resolve import Phase, phases, site_specs
 from gatetune.tuning.config.schema import (Config, DataCfg, GatingCfg, LrScheduleCfg, ModelCfg, OptimizerCfg,
                                            PhaseCfg, ResourcesCfg, SchedulerCfg, SearchCfg, SiteCfg, TrainCfg,
                                            config_keys, key_pattern)
@@ -22,4 +22,4 @@ from gatetune.tuning.config.validate import load, load_dict, to_dict, with_param
 __all__ = ["Config", "ModelCfg", "DataCfg", "GatingCfg", "SiteCfg", "TrainCfg", "OptimizerCfg", "LrScheduleCfg",
            "PhaseCfg", "SearchCfg", "SchedulerCfg", "ResourcesCfg", "load", "load_dict", "with_params", "to_dict",
            "check_environment", "read_config", "read_file", "merge", "parse_override", "get_dotted", "set_dotted",
-           "config_diff", "config_keys", "key_pattern", "site_specs", "Phase", "phase_plan"]
+           "config_diff", "config_keys", "key_pattern", "site_specs", "Phase", "phases"]

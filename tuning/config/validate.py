@@ -21,7 +21,7 @@ import pydantic
 from gatetune.core.dotted import phases_epochs, trial_config
 from gatetune.core.errors import UserError, nearest, short_repr
 from gatetune.tuning.config.loader import read_config
-from gatetune.tuning.config.plan import phase_plan, site_specs
+from gatetune.tuning.config.resolve import phases, site_specs
 from gatetune.tuning.config.schema import Config, fields_at, key_of, source_of
 
 _RANGE = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}", "less_than": "< {lt}",
@@ -135,7 +135,7 @@ def _check_names(cfg: Config, file_of) -> None:
         fail("model.name", f"unknown model {cfg.model.name!r}; {nearest(cfg.model.name, models.list_models())}")
     try:
         site_specs(cfg)
-        phase_plan(cfg)
+        phases(cfg)
     except UserError as e:
         raise e.at(file=file_of(e.key or "gating.gate"), key="gating.gate") from None
     for i, ph in enumerate(cfg.train.phases or []):

@@ -45,7 +45,7 @@ _STATS_SAMPLE = 256           # streamed folders: images read for mean / std
 _VERSION = 1                  # of the cache files' content
 
 
-def _plan(cfg: DataCfg, train: Split, val: Split) -> tuple[bool, int]:
+def _placement(cfg: DataCfg, train: Split, val: Split) -> tuple[bool, int]:
     """(in memory?, image side) for a scanned folder."""
     native = native_size(train)
     if cfg.in_memory is False:
@@ -60,7 +60,7 @@ def _plan(cfg: DataCfg, train: Split, val: Split) -> tuple[bool, int]:
 def load_folder(cfg: DataCfg, device: torch.device, seed: int) -> Data:
     root = root_of(cfg)
     train, val, _ = scan(root, "folder")
-    in_memory, size = _plan(cfg, train, val)
+    in_memory, size = _placement(cfg, train, val)
     if not in_memory:
         mean, std = _given_or(cfg, lambda: _sampled_stats(train))
         return streamed(train, val, size, mean, std, cfg=cfg, device=device, seed=seed, name="folder")
@@ -81,7 +81,7 @@ def _given_or(cfg: DataCfg, measured) -> tuple[list[float], list[float]]:
 def prepare_folder(cfg: DataCfg) -> None:
     """Decode an in-memory folder into the cache now (the driver, before any trial), so trials read it."""
     train, val, _ = scan(root_of(cfg), "folder")
-    in_memory, size = _plan(cfg, train, val)
+    in_memory, size = _placement(cfg, train, val)
     if in_memory:
         decoded(train, size)
         decoded(val, size)

@@ -43,7 +43,7 @@ from ray.tune.search import Searcher
 from gatetune.core import layout
 from gatetune.core.dotted import get_dotted, trial_config
 from gatetune.core.storage import RunStore
-from gatetune.tuning import space as S
+from gatetune.tuning.search import space as S
 
 _STATE = optuna.trial.TrialState
 

@@ -11,13 +11,13 @@ those output channels over only the input channels that can be non-zero:
 W' and shift fold the eval-mode BN into the conv once, when the SkipNet is built (fbs: W * invstd and
 (bias - mean) * invstd, the saliency replacing gamma; mse: the affine BN, gamma * invstd).
 
-Per gate and input shape, one of several variants computing that output runs (models/plan.py picks the
+Per gate and input shape, one of several variants computing that output runs (models/inference/autotune.py picks the
 fastest on this machine, measured in situ on the first forward and cached per machine):
   skip-*   the kept rows x non-zero columns of W' (the saliency folded in), one conv of the kept channels
   dense-*  the full conv over the full-width input, then the winners kept and scaled (no weight copy)
   *-native / *-mkldnn   torch's own conv choice, or oneDNN forced
   *-kernel / *-torch    the predictor, top-k and weight gather done by one compiled C++ call
-           (models/kernel.py: CPU float32 convs with groups=1) or by torch ops (any device and dtype,
+           (models/inference/kernel.py: CPU float32 convs with groups=1) or by torch ops (any device and dtype,
            depthwise convs, machines without a C++ compiler, SkipNet(net, kernel=False))
 At batch 1 a torch op costs 1-3 us and a small conv 10-100 us, so a gate written in torch ops (a dozen
 of them) ate most of what skipping saves on resnet20; the kernel makes a gate ~3 us plus its conv.
@@ -43,7 +43,7 @@ baseline; `measure_latency` times both (the same SkipNet path, so `gatetune eval
 
     fast = SkipNet(net)                 # net: a GatedNet, in any mode (the copy is eval)
     logits = fast(x)                    # == net.eval()(x[i:i+1]) per sample, up to ~1e-6 relative
-    fast.plans()                        # gate -> {input shape: chosen variant}
+    fast.choices()                        # gate -> {input shape: chosen variant}
     measure_latency(net, images)        # {'latency_ratio': skip / dense, 'skip_ms': .., 'dense_ms': .., ...}
 """
 from __future__ import annotations
@@ -61,9 +61,9 @@ from torch import nn
 
 from gatetune.models.errors import ModelError
 from gatetune.models.gate import GatedConv2d
-from gatetune.models.kernel import load as load_kernel
-from gatetune.models.plan import choose, time_call
-from gatetune.models.skip_gate import SkipGate, expand, folded
+from gatetune.models.inference.kernel import load as load_kernel
+from gatetune.models.inference.autotune import choose, time_call
+from gatetune.models.inference.skip_gate import SkipGate, expand, folded
 
 __all__ = ["SkipNet", "dense_net", "measure_latency", "time_interleaved"]
 
@@ -155,7 +155,7 @@ def _shared_copy(net: nn.Module) -> nn.Module:
 
 
 class _Trial:
-    """One in-situ calibration of a SkipNet: gates without a plan run their variants in turn, one per
+    """One in-situ calibration of a SkipNet: gates without a choice run their variants in turn, one per
     forward (gate i uses variant (round + i) mod V, so neighbours differ), and time each call."""
 
     def __init__(self, gates: list):
@@ -181,7 +181,7 @@ class SkipNet(nn.Module):
 
     Each gate has variants computing the same output (skip or dense conv; native or mkldnn conv; compiled
     kernel or torch ops). The first forward at a new input shape (dtype, device, thread count) picks one
-    per gate: the choice cached for this machine (models/plan.py), else the fastest measured in situ,
+    per gate: the choice cached for this machine (models/inference/autotune.py), else the fastest measured in situ,
     over `CALIBRATION_REPS` full forwards per variant with the gates rotating through theirs (tens of ms
     for the small CIFAR nets). `force` restricts every gate to the variants whose name holds each of its
     '-'-separated words ("skip", "dense", "skip-native", "dense-torch-mkldnn", ...; a single match is not
@@ -230,7 +230,7 @@ class SkipNet(nn.Module):
             flush = None
             for trial.round in range(rounds):
                 self.net(x)
-                if not trial.samples:   # every gate had a plan (cached)
+                if not trial.samples:   # every gate had a choice (cached)
                     return
                 if flush is None:
                     flush = torch.zeros(self.CALIBRATION_FLUSH_BYTES // 4, device=x.device)
@@ -243,14 +243,14 @@ class SkipNet(nn.Module):
                 warm = {n: v[1:] for n, v in times.items()}
                 gate.settle(key, choose(gate.pending[key][0], warm, where="in situ"))
 
-    def plans(self) -> dict[str, dict[str, str]]:
+    def choices(self) -> dict[str, dict[str, str]]:
         """Gate module path -> {input signature: chosen variant}, for the shapes run so far."""
-        return {name: m.plans for name, m in self.net.named_modules() if isinstance(m, SkipGate)}
+        return {name: m.choices for name, m in self.net.named_modules() if isinstance(m, SkipGate)}
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_lock", None)
-        state["_ready"] = set()   # the gates forget their plans when copied
+        state["_ready"] = set()   # the gates forget their choices when copied
         return state
 
     def __setstate__(self, state):

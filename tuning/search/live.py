@@ -4,7 +4,7 @@ Each trial sets gauges (exported as `ray_gatetune_<name>`, tagged `run` and `tri
 on the node it runs on; the driver sets `ray_gatetune_trials` (tagged `run` and `status`) on the head.
 Ray exports a gauge every metrics_report_interval_ms (10 s by default) and drops it two intervals after
 its last set, so a thread sets the last values again every few seconds while the trial runs.
-`tuning/cluster/grafana_gatetune.json` is a Grafana dashboard of these series.
+`deploy/grafana_gatetune.json` is a Grafana dashboard of these series.
 """
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
-"""Per-site execution plans of the channel-skipping path, chosen by measured cost and cached per machine.
+"""The variant each site of the channel-skipping path runs, chosen by measured cost and cached per machine.
 
-A gated site of a SkipNet can run several ways that compute the same output (models/skip.py): skip the
+A gated site of a SkipNet can run several ways that compute the same output (models/inference/skip.py): skip the
 suppressed channels (convolve only the kept output channels over the non-zero input channels) or run the
 dense conv and keep the winners, each with torch's default conv or oneDNN (mkldnn) forced. Which is
 fastest depends on the shapes, the density, the CPU and the thread count, so the first time a site meets
 an input shape it times its variants on that very input (interleaved, median; `calibrate`) and keeps the
 fastest. Choices are remembered per process and in a JSON file under core.cache.cache_dir()
-(plans-<hash>.json, one per torch version, CPU model and kernel build), keyed by a signature of the site's
+(choices-<hash>.json, one per torch version, CPU model and kernel build), keyed by a signature of the site's
 shapes, the input shape and the thread count, so later runs on this machine reuse them without timing.
-GATETUNE_PLAN_CACHE=0 keeps choices in memory only; deleting the file makes the next run measure again.
+GATETUNE_CHOICE_CACHE=0 keeps choices in memory only; deleting the file makes the next run measure again.
 """
 from __future__ import annotations
 
@@ -24,23 +24,23 @@ import torch
 
 from gatetune.core.cache import cache_dir
 from gatetune.core.storage import write_atomic
-from gatetune.models.kernel import SOURCE, cpu_name
+from gatetune.models.inference.kernel import SOURCE, cpu_name
 
-__all__ = ["calibrate", "cached_choice", "choose", "plan_file", "time_call", "timed"]
+__all__ = ["calibrate", "cached_choice", "choose", "choice_file", "time_call", "timed"]
 
 _LOCK = threading.Lock()
 _MEMORY: dict[str, dict] = {}
-_LOADED: list[str] = []   # the plan file read into _MEMORY, once
+_LOADED: list[str] = []   # the choice file read into _MEMORY, once
 
 
-def plan_file() -> str:
-    """The plan cache file of this machine, torch version and kernel source."""
+def choice_file() -> str:
+    """The choice file of this machine, torch version and kernel source."""
     key = "\0".join([torch.__version__, cpu_name(), hashlib.sha256(SOURCE.encode()).hexdigest()])
-    return os.path.join(cache_dir(), f"plans-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
+    return os.path.join(cache_dir(), f"choices-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json")
 
 
 def _persist() -> bool:
-    return os.environ.get("GATETUNE_PLAN_CACHE", "1") not in ("0", "", "false", "no")
+    return os.environ.get("GATETUNE_CHOICE_CACHE", "1") not in ("0", "", "false", "no")
 
 
 def _read(path: str) -> dict:
@@ -53,10 +53,10 @@ def _read(path: str) -> dict:
 
 
 def cached_choice(signature: str) -> str | None:
-    """The variant chosen earlier for `signature` (this process, or the plan file), else None."""
+    """The variant chosen earlier for `signature` (this process, or the choice file), else None."""
     with _LOCK:
         if _persist() and not _LOADED:
-            path = plan_file()
+            path = choice_file()
             for sig, entry in _read(path).items():
                 _MEMORY.setdefault(sig, entry)
             _LOADED.append(path)
@@ -69,7 +69,7 @@ def _record(signature: str, entry: dict) -> None:
         _MEMORY[signature] = entry
         if not _persist():
             return
-        path = plan_file()
+        path = choice_file()
         try:
             data = _read(path)   # merge: another process may have added entries meanwhile
             data[signature] = entry

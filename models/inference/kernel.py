@@ -1,4 +1,4 @@
-"""The batch-1 gate kernel of the channel-skipping path (models/skip.py): one C++ call per gated conv.
+"""The batch-1 gate kernel of the channel-skipping path (models/inference/skip.py): one C++ call per gated conv.
 
 At batch 1 each torch op costs 1-3 us of dispatch and allocation, and a gate written in torch ops needs a
 dozen (pool, scatter, linear, relu, topk, three index_selects, the saliency fold...): 20-30 us a gate,
@@ -7,12 +7,12 @@ one pass over preallocated buffers:
 
     pooled = mean_hw x (|x| for a signed input), full width (zeros where x is compact)
     s      = relu(W_p . pooled / (mean pooled + eps) + b_p)   (accumulated in double; W_p and b_p hold the
-             predictor with its input standardisation folded in, models/skip_gate.py)
+             predictor with its input standardisation folded in, models/inference/skip_gate.py)
     o      = topk(s, k) indices, ascending                 (torch's CPU topk: same winners, ties included)
     gather: w_out[j, i] = W'[o_j, in_i] * s[o_j],  b_out[j] = s[o_j] * shift[o_j] + beta[o_j]   (fbs)
             w_out[j, i] = W'[o_j, in_i],           b_out[j] = shift[o_j]                         (mse)
 
-so conv(x, w_out, b_out) is the gate's output on its kept channels (models/skip.py explains W', shift,
+so conv(x, w_out, b_out) is the gate's output on its kept channels (models/inference/skip.py explains W', shift,
 beta). `gt_epilogue` is the dense variant's tail: out[j] = s_j * z[o_j] + beta[o_j] (fbs) or z[o_j] (mse);
 `gt_residual_relu` a BasicBlock's tail, relu(identity + the compact output scattered), in one pass.
 The top-k replicates torch's CPU topk (std::nth_element, or std::partial_sort when k * 64 <= C, with
@@ -21,7 +21,7 @@ torch's comparator), so equal saliencies, e.g. several exact zeros after the ReL
 The source is compiled once per machine with the system C++ compiler (g++ -O3 -march=native, ~1 s) into
 the cache folder (`core.cache.cache_dir()`: $GATETUNE_CACHE_DIR, else ~/.cache/gatetune), named by a hash of source,
 compiler and CPU; loaded with ctypes. No torch headers are needed. Without a compiler (or with
-GATETUNE_NO_KERNEL=1), `load()` returns None and models/skip.py runs the same computation in torch ops.
+GATETUNE_NO_KERNEL=1), `load()` returns None and models/inference/skip.py runs the same computation in torch ops.
 Float32, contiguous, CPU tensors only.
 """
 from __future__ import annotations
@@ -200,7 +200,7 @@ extern "C" void gt_residual_relu(const float* identity, const float* z, const in
 
 class GateSpec(ctypes.Structure):
     """The C struct GateSpec: shapes, flags and data pointers of one gate's (contiguous float32) tensors.
-    The tensors must outlive it (models/skip.py keeps them as buffers of the gate module)."""
+    The tensors must outlive it (models/inference/skip.py keeps them as buffers of the gate module)."""
 
     _fields_ = [("c_in", ctypes.c_int64), ("c_out", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("kk", ctypes.c_int64), ("nonneg", ctypes.c_int64), ("scaled", ctypes.c_int64),

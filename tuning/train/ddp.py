@@ -30,7 +30,7 @@ from torch import nn
 
 from gatetune.tuning import config as C
 from gatetune.tuning.data import load as load_data
-from gatetune.tuning.train import fit
+from gatetune.tuning.train.loop import fit
 
 TIMEOUT = timedelta(minutes=30)   # a collective waits this long (rank 0 may be evaluating ImageNet val)
 

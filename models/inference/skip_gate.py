@@ -1,6 +1,6 @@
 """One gated conv in channel-skipping form (models.SkipNet): its variants computing the same batch-1
 output (skip the suppressed channels or run the dense conv; torch's conv or oneDNN; the compiled gate
-kernel or torch ops) and the BN folded into its weights. models/skip.py builds networks of these."""
+kernel or torch ops) and the BN folded into its weights. models/inference/skip.py builds networks of these."""
 from __future__ import annotations
 
 __all__ = ["SkipGate", "expand", "folded", "folded_predictor", "padded", "CONVS"]
@@ -14,8 +14,8 @@ from torch import nn
 from gatetune.models.errors import ModelError
 from gatetune.models.gate import INPUT_GAIN, GatedConv2d
 from gatetune.models.gate_ops import scale_free
-from gatetune.models.kernel import PAD, GateSpec, load as load_kernel
-from gatetune.models.plan import cached_choice, calibrate, timed
+from gatetune.models.inference.kernel import PAD, GateSpec, load as load_kernel
+from gatetune.models.inference.autotune import cached_choice, calibrate, timed
 
 
 def expand(t: torch.Tensor, idx: torch.Tensor | None, channels: int) -> torch.Tensor:
@@ -74,7 +74,7 @@ def _conv_mkldnn(x, w, b, stride, padding, dilation, groups):
     return torch.mkldnn_convolution(x.contiguous(), w.contiguous(), b, padding, stride, dilation, groups)
 
 
-# conv backends a plan may pick: torch's own choice (at batch 1 often its im2col + GEMM path, which it
+# conv backends a choice may pick: torch's own choice (at batch 1 often its im2col + GEMM path, which it
 # prefers below ~20k input elements whether or not that is faster) and oneDNN forced
 CONVS = {"native": _conv_native, "mkldnn": _conv_mkldnn}
 
@@ -84,9 +84,9 @@ class SkipGate(nn.Module):
     t holds the channels idx of the full input (idx None: all of them), z the channels idx_out of the
     output (idx_out None: all, when k == C_out). forward(x): full width in and out.
 
-    Variants (same output; `plan` picks one per input shape by measured cost, see models/plan.py):
+    Variants (same output; autotune picks one per input shape by measured cost, see models/inference/autotune.py):
     skip or dense, each with the native or the mkldnn conv, computed by the compiled kernel (CPU float32
-    dense-groups convs, models/kernel.py) or by torch ops (otherwise, and on a NaN saliency).
+    dense-groups convs, models/inference/kernel.py) or by torch ops (otherwise, and on a NaN saliency).
     """
 
     def __init__(self, g: GatedConv2d, lib=None, force: str | None = None):
@@ -121,8 +121,8 @@ class SkipGate(nn.Module):
 
     # -- the compiled kernel's buffers ----------------------------------------------------------------
     def _bind(self) -> None:
-        """(Re)build the kernel's view of this gate's tensors; plans are forgotten (device, dtype changed)."""
-        self._plans: dict[tuple, Callable] = {}     # input key -> the chosen variant's run
+        """(Re)build the kernel's view of this gate's tensors; choices are forgotten (device, dtype changed)."""
+        self._choices: dict[tuple, Callable] = {}     # input key -> the chosen variant's run
         self.pending: dict[tuple, tuple] = {}      # input key -> (signature, candidates) until chosen
         self.trial = None                           # SkipNet's in-situ calibration, while it runs
         self.spec = None
@@ -148,9 +148,9 @@ class SkipGate(nn.Module):
         self._bind()   # .to() / .double() / .cuda() replace the tensors the kernel points at
         return out
 
-    def __getstate__(self):   # copies and pickles: the kernel handle and the plans are rebuilt
+    def __getstate__(self):   # copies and pickles: the kernel handle and the choices are rebuilt
         state = self.__dict__.copy()
-        for key in ("spec", "_spec_ref", "_plans", "pending", "trial", "_w_buf", "_b_buf", "_s_buf", "_idx_buf"):
+        for key in ("spec", "_spec_ref", "_choices", "pending", "trial", "_w_buf", "_b_buf", "_s_buf", "_idx_buf"):
             state.pop(key, None)
         state["lib"] = state.get("lib") is not None
         return state
@@ -167,18 +167,18 @@ class SkipGate(nn.Module):
 
     def compact(self, t: torch.Tensor, idx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = (t.shape, idx is None, torch.get_num_threads())
-        run = self._plans.get(key)
+        run = self._choices.get(key)
         if run is None:
-            return self._unplanned(t, idx, key)
+            return self._unchosen(t, idx, key)
         return run(t, idx)
 
     @property
-    def plans(self) -> dict[str, str]:
+    def choices(self) -> dict[str, str]:
         """Chosen variant per input signature (for reports and tests)."""
         return {f"{tuple(k[0])} {'full' if k[1] else 'compact'} threads={k[2]}": v.variant
-                for k, v in self._plans.items()}
+                for k, v in self._choices.items()}
 
-    # -- planning -------------------------------------------------------------------------------------
+    # -- choosing -------------------------------------------------------------------------------------
     def variants(self, t: torch.Tensor, idx: torch.Tensor | None) -> dict[str, Callable]:
         """Name -> run(t, idx) of every way this gate can compute its output for inputs shaped like t
         (restricted to the names holding every '-'-separated word of `force`, when set)."""
@@ -215,8 +215,8 @@ class SkipGate(nn.Module):
                 f"dil={tuple(self.dilation)} {self.policy} {'nonneg' if self.nonneg else 'signed'}|"
                 f"in={'full' if idx is None else 'compact'}:{tuple(t.shape)}|{','.join(sorted(names))}")
 
-    def _unplanned(self, t: torch.Tensor, idx: torch.Tensor | None, key: tuple):
-        """Run an input shape without a plan yet: the cached choice, or time the variants (in situ, one per
+    def _unchosen(self, t: torch.Tensor, idx: torch.Tensor | None, key: tuple):
+        """Run an input shape without a choice yet: the cached choice, or time the variants (in situ, one per
         forward in turn, while SkipNet calibrates; else here, on t)."""
         if key not in self.pending:
             cands = self.variants(t, idx)
@@ -238,7 +238,7 @@ class SkipGate(nn.Module):
 
     def settle(self, key: tuple, choice: str) -> Callable:
         """Fix the variant `choice` for the input `key` (shape, full width, threads); returns its run."""
-        run = self._plans[key] = self.pending.pop(key)[1][choice]
+        run = self._choices[key] = self.pending.pop(key)[1][choice]
         return run
 
     # -- kernel variants (CPU float32, batch 1) -------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The Ray Tune trainable: one trial = the training loop of `tuning/train.py` on one sampled config.
+"""The Ray Tune trainable: one trial = the training loop of `tuning/train/loop.py` on one sampled config.
 
 Each epoch reports the metrics (train.METRICS) with a checkpoint (`tune.report(metrics,
 checkpoint=...)`). A trial restarted after its node or worker died gets its latest checkpoint from
@@ -11,7 +11,7 @@ What a user sees of a trial in the Ray dashboard (docs/design.md, "Watching a se
   worker starts; with reuse_actors a worker that moves on to the next trial says so in its log;
 - the worker log (stderr): one line per epoch, `[<trial id>] epoch: 2.00/8 | ...` as the driver prints them,
   and the traceback when the trial fails;
-- live gauges through ray.util.metrics, on the node's Prometheus endpoint (tuning/live.py).
+- live gauges through ray.util.metrics, on the node's Prometheus endpoint (tuning/search/live.py).
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 from gatetune.core import layout
 from gatetune.core.errors import UserError, first_line
-from gatetune.tuning import checkpoint as ckpt
+from gatetune.tuning.train import checkpoint as ckpt
 from gatetune.tuning import config as C
-from gatetune.tuning import live
-from gatetune.tuning.console import progress_line
+from gatetune.tuning.search import live
+from gatetune.tuning.search.console import progress_line
 
 _SHOWN = (("gating.density", "d", "{:.2f}"), ("gating.gate", "gate", "{}"), ("gating.weight", "w", "{:.1e}"),
           ("train.optimizer.lr", "lr", "{:.3g}"), ("seed", "seed", "{}"))
@@ -83,7 +83,7 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
     import ray
     from ray import tune
 
-    from gatetune.tuning.distributed import fit_any
+    from gatetune.tuning.train.distributed import fit_any
 
     context = tune.get_context()
     trial_id = context.get_trial_id()

@@ -19,10 +19,10 @@ from gatetune.core import layout
 from gatetune.core.dotted import set_dotted
 from gatetune.core.errors import CheckpointError, UserError, first_line
 from gatetune.core.storage import RunStore
-from gatetune.tuning import checkpoint as ckpt
+from gatetune.tuning.train import checkpoint as ckpt
 from gatetune.tuning import config as C
 from gatetune.tuning.data import load, load_cached
-from gatetune.tuning.train import build_model, evaluate, pick_device
+from gatetune.tuning.train.loop import build_model, evaluate, pick_device
 
 
 def eval_checkpoint(path: str | Path, overrides: list[str] = (), latency: bool = True) -> dict:

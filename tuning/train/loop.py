@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from gatetune import models
 from gatetune.tuning import config as C
 from gatetune.tuning.data import Data, load as load_data
-from gatetune.tuning.health import health_metrics
+from gatetune.tuning.train.health import health_metrics
 
 # Every epoch reports these (plus density/<site>, and gate_sites: per-site health as JSON); reports and ASHA
 # rely on the names.
@@ -78,14 +78,14 @@ def lr_at(cfg: C.Config, phase: C.Phase, epoch: int) -> float:
     return phase.lr
 
 
-def phase_of(plan: list[C.Phase], epoch: int) -> C.Phase:
-    return next(p for p in plan if p.start <= epoch < p.end)
+def phase_of(phases: list[C.Phase], epoch: int) -> C.Phase:
+    return next(p for p in phases if p.start <= epoch < p.end)
 
 
 @torch.inference_mode()
 def evaluate(net: models.GatedNet, loader, batch_size: int, amp: bool = False) -> dict:
     """Top-1/top-5 (percent), loss, achieved density (overall and per site), measured MACs, and gating
-    health (tuning/health.py: dynamic/dead/always channels per site, gate_health)."""
+    health (tuning/train/health.py: dynamic/dead/always channels per site, gate_health)."""
     net.eval()
     net.read_densities(reset=True)
     net.selection_counts(reset=True)
@@ -155,7 +155,7 @@ def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict |
         net = net.to(memory_format=torch.channels_last)
     opt = _optimizer(cfg, net)
     model = net if dist is None else dist.wrap(net)   # the training forward; DDP averages gradients
-    plan = C.phase_plan(cfg)
+    phases = C.phases(cfg)
     history: list[dict] = []
     start = 0
     if resume is not None:
@@ -168,7 +168,7 @@ def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict |
     node = socket.gethostname()
     bs = cfg.train.batch_size
     for epoch in range(start, cfg.train.epochs):
-        phase = phase_of(plan, epoch)
+        phase = phase_of(phases, epoch)
         net.set_trainable(phase.trainable)
         net.set_gate_weights(phase.weights)
         for group in opt.param_groups:

@@ -5,7 +5,7 @@
     fit_distributed(cfg, on_epoch, 2, "gloo")    # two CPU processes (tests, CPU-only machines)
 
 The notebook ran each trial on two GPUs (system.num_gpus=2, batch_size_per_gpu=256). Here a run with
-train.processes = N (default in a Ray trial: the GPUs it was granted) spawns N ranks (tuning/ddp.py:
+train.processes = N (default in a Ray trial: the GPUs it was granted) spawns N ranks (tuning/train/ddp.py:
 sharding, the DDP wrapper, the all-reduced divergence flag); train.batch_size is per process, so a step
 trains on N x batch_size images (the lr is not scaled for you).
 
@@ -23,7 +23,7 @@ datasets that is a cheap index/crop on the device, but ImageNet decodes every ba
 """
 from __future__ import annotations
 
-__all__ = ["fit_any", "fit_distributed", "plan", "DistributedError"]
+__all__ = ["fit_any", "fit_distributed", "world", "DistributedError"]
 
 import os
 import queue as queue_mod
@@ -36,9 +36,9 @@ import torch
 
 from gatetune.core.errors import UserError
 from gatetune.tuning import config as C
-from gatetune.tuning import ddp
+from gatetune.tuning.train import ddp
 from gatetune.tuning.data import check, load, load_cached
-from gatetune.tuning.train import fit, pick_device
+from gatetune.tuning.train.loop import fit, pick_device
 
 
 class DistributedError(RuntimeError):
@@ -46,9 +46,9 @@ class DistributedError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------
-# planning: how many processes, which backend
+# the world: how many processes, which backend
 
-def plan(cfg: C.Config, gpus_granted: int | None = None) -> tuple[int, str]:
+def world(cfg: C.Config, gpus_granted: int | None = None) -> tuple[int, str]:
     """(processes, backend) for cfg. gpus_granted: the GPUs a Ray trial was granted (len(ray.get_gpu_ids()));
     None outside Ray (`gatetune train`: train.processes, default 1, of the visible GPUs).
     backend "nccl" means rank r on cuda:r, "gloo" CPU processes."""
@@ -70,10 +70,10 @@ def plan(cfg: C.Config, gpus_granted: int | None = None) -> tuple[int, str]:
 def fit_any(cfg: C.Config, on_epoch: Callable[[dict, dict | None], None], *, resume: dict | None = None,
             gpus: int | None = None, threads: int | None = None, progress: bool = False,
             cached: bool = False) -> dict:
-    """Train cfg the way `plan` says: train.fit in this process, or fit_distributed over N ranks.
+    """Train cfg the way `world` says: train.fit in this process, or fit_distributed over N ranks.
     gpus: the GPUs a Ray trial was granted (None outside Ray); threads: the CPU threads this run may use
     in all (split between the ranks); cached: keep the dataset in this process (Ray reuses workers)."""
-    processes, backend = plan(cfg, gpus)
+    processes, backend = world(cfg, gpus)
     threads = threads or torch.get_num_threads()
     if processes > 1:   # train.threads is per rank
         return fit_distributed(cfg, on_epoch, processes, backend, resume=resume, progress=progress,

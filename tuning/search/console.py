@@ -6,7 +6,7 @@ __all__ = ["Console", "summary", "progress_line"]
 from ray.tune import Callback
 
 from gatetune.core import layout
-from gatetune.tuning.schedulers import nearest_bucket, rungs
+from gatetune.tuning.search.schedulers import nearest_bucket, rungs
 
 
 def progress_line(trial_id: str, result: dict, epochs: int) -> str:

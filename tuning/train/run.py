@@ -17,7 +17,7 @@ from gatetune.core import layout
 from gatetune.core.dotted import config_diff
 from gatetune.core.errors import UserError
 from gatetune.core.storage import RunStore
-from gatetune.tuning import checkpoint as ckpt
+from gatetune.tuning.train import checkpoint as ckpt
 from gatetune.tuning import config as C
 
 
@@ -40,7 +40,7 @@ def train_run(cfg: C.Config, out: str | Path, progress: bool = True) -> tuple[Pa
 
     The folder is created with the first epoch's checkpoint, so a config that fails while the data or
     the model is built leaves nothing behind."""
-    from gatetune.tuning.distributed import fit_any
+    from gatetune.tuning.train.distributed import fit_any
     out = Path(out)
     RunStore(out).check_writable()   # a read-only or unwritable folder fails here, before any training
     resume = _check_resumable(cfg, out)

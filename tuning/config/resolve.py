@@ -1,7 +1,7 @@
 """What a valid config means for one network: which sites gate and train, and the training phases."""
 from __future__ import annotations
 
-__all__ = ["site_specs", "Phase", "phase_plan"]
+__all__ = ["site_specs", "Phase", "phases"]
 
 import dataclasses
 
@@ -33,7 +33,7 @@ def site_specs(cfg: Config) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """One stretch of epochs [start, end) and what trains in it (see `phase_plan`)."""
+    """One stretch of epochs [start, end) and what trains in it (see `phases`)."""
     start: int
     end: int
     trainable: frozenset       # canonical sites whose conv/BN weights train
@@ -41,19 +41,19 @@ class Phase:
     lr: float                  # learning rate at the phase's first epoch
 
 
-def phase_plan(cfg: Config) -> list[Phase]:
+def phases(cfg: Config) -> list[Phase]:
     """train.phases resolved against the model's sites; one phase spanning train.epochs when none are given."""
     specs = site_specs(cfg)
     trainable = frozenset(s for s, sp in specs.items() if sp.trainable)
     weights = {s: sp.weight for s, sp in specs.items() if sp.gate}
     if not cfg.train.phases:
         return [Phase(0, cfg.train.epochs, trainable, weights, cfg.train.optimizer.lr)]
-    plan, start = [], 0
+    out, start = [], 0
     for i, ph in enumerate(cfg.train.phases):
         t = trainable if ph.trainable is None else \
             frozenset(_resolve(cfg.model.name, ph.trainable, f"train.phases.{i}.trainable"))
         w = {s: ph.weight for s in weights} if ph.weight is not None else \
             {s: v * ph.weight_factor for s, v in weights.items()} if ph.weight_factor is not None else weights
-        plan.append(Phase(start, start + ph.epochs, t, w, ph.lr or cfg.train.optimizer.lr))
+        out.append(Phase(start, start + ph.epochs, t, w, ph.lr or cfg.train.optimizer.lr))
         start += ph.epochs
-    return plan
+    return out

@@ -34,14 +34,14 @@ from ray.tune import Callback
 from gatetune.core import layout
 from gatetune.core.errors import UserError, first_line
 from gatetune.core.storage import RunStore
-from gatetune.tuning import cluster
+from gatetune.tuning.search import cluster
 from gatetune.tuning import config as C
 from gatetune.tuning import data
-from gatetune.tuning import schedulers
-from gatetune.tuning import space as S
-from gatetune.tuning.console import Console, summary
-from gatetune.tuning.live import TrialCounts
-from gatetune.tuning.snapshot import KeepState, recover
+from gatetune.tuning.search import schedulers
+from gatetune.tuning.search import space as S
+from gatetune.tuning.search.console import Console, summary
+from gatetune.tuning.search.live import TrialCounts
+from gatetune.tuning.search.snapshot import KeepState, recover
 
 
 def _run_dir(storage: str | None, name: str) -> str:
@@ -68,7 +68,7 @@ def _resources(cfg: C.Config) -> tuple[dict, dict]:
 
 def _trainable(cfg: C.Config, base: dict, run_dir: str):
     from ray import tune
-    from gatetune.tuning.trainable import trial
+    from gatetune.tuning.search.trainable import trial
     search, pretrain = _resources(cfg)
     resources = functools.partial(_trial_resources, search=search, pretrain=pretrain) if search != pretrain else search
     return tune.with_resources(tune.with_parameters(trial, base=base, run_dir=run_dir), resources)
@@ -132,7 +132,7 @@ def sampler(cfg: C.Config):
         return optuna.samplers.TPESampler(seed=cfg.seed)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=cfg.seed)
-    from gatetune.tuning.searcher import NSGAIISampler
+    from gatetune.tuning.search.study import NSGAIISampler
     # NSGA-II's default population (50) would make a small search all random first generation
     return NSGAIISampler(seed=cfg.seed, population_size=max(4, min(50, cfg.search.num_samples // 4)))
 
@@ -151,7 +151,7 @@ def _num_samples(plan: S.SearchPlan) -> int:
 def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_actors: bool):
     from ray import tune
 
-    from gatetune.tuning.searcher import StudySearch
+    from gatetune.tuning.search.study import StudySearch
     cfg, srch = plan.cfg, plan.cfg.search
     store = RunStore(run_dir)
     metric, mode = objectives(cfg)
@@ -180,7 +180,7 @@ def _finish(run_dir: str, results, plan: S.SearchPlan, started: float) -> bool:
     """Print the summary and write the report (into the run folder, local or remote); False when every
     trial errored."""
     from gatetune import results as R
-    from gatetune.tuning.evaluate import pareto_latency
+    from gatetune.tuning.train.evaluate import pareto_latency
     try:
         pareto_latency(run_dir)   # <trial>/latency.json for the Pareto trials: the report's latency_ratio
         df = R.write_report(run_dir)
