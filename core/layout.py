@@ -37,21 +37,7 @@ EXPERIMENT_STATE_GLOB = "experiment_state-*.json"
 STATE_COPY = ".state"                   # a copy of Ray Tune's last complete snapshot (local folders)
 STORAGE_MARKER = ".gatetune_marker"     # written by the driver, looked for by every node
 
-# Keys of a trial's params that are not config keys (the trial's role in the search):
-CONFIRMS = "confirms"                   # in a seed replica's params: the trial id whose config it repeats
-PRETRAIN = "pretrain"                   # true in the dense trial search.pretrain trains before the search
-STARTED_FROM = "started_from"           # the trial whose last checkpoint this trial's weights start from
-TRIAL_KEYS = (CONFIRMS, PRETRAIN, STARTED_FROM)
-
-
-def config_params(params: dict) -> dict:
-    """A trial's params without the TRIAL_KEYS: the dotted config keys it sets."""
-    return {k: v for k, v in params.items() if k not in TRIAL_KEYS}
-
-
-def ranked(params: dict) -> bool:
-    """Whether schedulers may rank and stop the trial: not a seed replica, not the dense pretraining."""
-    return not (params.get(CONFIRMS) or params.get(PRETRAIN))
+# The keys a trial's params.json holds beside config keys (confirms, pretrain, started_from): core.trials.
 
 # --- one trial's folder inside it
 TRIAL_PREFIX = "trial_"

@@ -2,8 +2,13 @@
 (s3://bucket/prefix, gs://bucket/prefix, file:///...).
 
     store = RunStore("s3://gatetune-runs/runs/q1")
-    store.write_text("gatetune.yaml", text);  store.read_text("gatetune.yaml")
+    store.write_text("gatetune.yaml", text);  store.read_text("gatetune.yaml")   # atomic, local or remote
+    store.append("decisions.jsonl", line)                  # a growing file
+    store.prune("trial_x", layout.CHECKPOINT_DIR, keep=2)  # the newest 2 numbered entries stay
     local = store.mirror()       # every file but checkpoint contents, copied into a local folder to read
+
+The search (run folder, decisions, study export, checkpoint pruning), `gatetune train` (its run folder)
+and the report all write through it: one atomic write, one append, one prune.
 
 S3 takes its endpoint and credentials from the standard AWS variables (AWS_ENDPOINT_URL or
 AWS_ENDPOINT_URL_S3 with its http:// or https://, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION),
@@ -16,6 +21,7 @@ from __future__ import annotations
 __all__ = ["RunStore", "is_remote", "write_atomic"]
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -23,15 +29,19 @@ from gatetune.core import layout
 from gatetune.core.errors import UserError, first_line
 
 
-def write_atomic(path: str | os.PathLike, write) -> None:
+def write_atomic(path: str | os.PathLike, write, *, sync: bool = False) -> None:
     """write(f) into a temporary file beside `path` (its folder created), then renamed over it: a reader
-    sees the old file or the whole new one, and a failed write (a full disk) leaves the old one."""
+    sees the old file or the whole new one, and a failed write (a full disk: OSError ENOSPC) leaves the old
+    one. sync: fsync before the rename (a checkpoint that must survive a power cut)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -49,12 +59,13 @@ class RunStore:
         self.where = str(where).rstrip("/") if is_remote(where) else os.path.abspath(str(where))
         self.remote = is_remote(where)
         self._fs = None
+        self._appended: dict[str, Path] = {}   # rel -> this process's local copy of a remote file it appends to
 
     def __str__(self) -> str:
         return self.where
 
     def __getstate__(self):   # picklable (schedulers and searchers are): the filesystem is reopened
-        return {**self.__dict__, "_fs": None}
+        return {**self.__dict__, "_fs": None, "_appended": {}}
 
     def _open(self):
         if self._fs is None:
@@ -117,6 +128,55 @@ class RunStore:
 
     def upload(self, local: str | os.PathLike, rel: str) -> None:
         self.write_bytes(rel, Path(local).read_bytes())
+
+    def append(self, rel: str, text: str) -> None:
+        """Add `text` at the end of `rel` (created if missing). An object store cannot append: the file is
+        kept in a local copy (started from the remote one, so a resumed search keeps the earlier lines) and
+        uploaded whole each time."""
+        if not self.remote:
+            path = self.local_path(rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(text)
+            return
+        copy = self._appended.get(rel)
+        if copy is None:
+            fd, name = tempfile.mkstemp(prefix="gatetune-append-")
+            os.close(fd)
+            copy = Path(name)
+            if self.exists(rel):
+                self.download(rel, copy)
+            self._appended[rel] = copy
+        with open(copy, "a") as f:
+            f.write(text)
+        self.upload(copy, rel)
+
+    def prune(self, rel: str, pattern: re.Pattern, keep: int) -> list[str]:
+        """Delete all but the newest `keep` entries (files or folders) right below `rel` whose names match
+        `pattern` in full, newest by the number of its first group; returns the names deleted."""
+        numbered = sorted((int(m.group(1)), name) for name in self.listdir(rel) if (m := pattern.fullmatch(name)))
+        old = [name for _, name in numbered[:max(0, len(numbered) - keep)]]
+        for name in old:
+            self.delete(_join(rel, name))
+        return old
+
+    def delete(self, rel: str) -> None:
+        """Remove a file or a folder with everything below it; nothing if it does not exist."""
+        if not self.remote:
+            path = self.local_path(rel)
+            if path.is_dir():
+                import shutil
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            return
+        from pyarrow import fs
+        filesystem, root = self._open()
+        info = filesystem.get_file_info(_join(root, rel))
+        if info.type == fs.FileType.Directory:
+            filesystem.delete_dir(_join(root, rel))
+        elif info.type == fs.FileType.File:
+            filesystem.delete_file(_join(root, rel))
 
     def download(self, rel: str, local: str | os.PathLike) -> Path:
         """Copy a file, or a folder with everything below it, to `local`."""

@@ -7,10 +7,11 @@ beside a live search or on a copy of the folder elsewhere:
     df = read_report("runs/quickstart/report.csv")   # trial ids stay text (pandas alone reads 2512e764 as inf)
 """
 
-from ._collect import STATUSES, ReportError, collect
+from ._collect import STATUSES, ReportError, collect, trial_status
 from ._report import baseline_line, read_report, seeds_markdown, write_report
-from ._seeds import dense_baseline, front_trials
+from ._seeds import PARETO, dense_baseline, front_candidates, front_trials, search_rows
 from ._table import COLUMNS, pareto_mask, summary_markdown, table
 
 __all__ = ["ReportError", "collect", "table", "summary_markdown", "seeds_markdown", "baseline_line", "write_report",
-           "pareto_mask", "front_trials", "dense_baseline", "COLUMNS", "STATUSES", "read_report"]
+           "pareto_mask", "PARETO", "front_candidates", "front_trials", "search_rows", "dense_baseline", "COLUMNS",
+           "STATUSES", "trial_status", "read_report"]

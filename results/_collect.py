@@ -31,14 +31,14 @@ import pandas as pd
 import yaml
 
 from gatetune.core import layout
+from gatetune.core import trials as T
 from gatetune.core.dotted import flatten, trial_config
 from gatetune.core.errors import UserError
 from gatetune.core.storage import RunStore, is_remote
 
 CONFIG_FILE, DECISIONS_FILE, LATENCY_FILE, RESULT_FILE = layout.CONFIG, layout.DECISIONS, layout.LATENCY, layout.RESULT
 STATE_GLOB = layout.EXPERIMENT_STATE_GLOB
-# Every value of the `status` column, in the order reports list them.
-STATUSES = ("completed", "stopped", "running", "pending", "diverged", "error")
+STATUSES = T.STATUSES   # every value of the `status` column, in the order reports list them
 
 # Trial ids inside Ray's trial folder names: `<5 hex>_<5 digits>` (grid/random), `<8 hex>` (searchers);
 # gatetune's searches name trial folders `trial_<id>`.
@@ -172,7 +172,7 @@ def collect_run(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     for tid in sorted(set(found) | set(run.ray)):
         folder = found.get(tid) or _state_folder(run, tid)
         params = _params(folder, run.ray.get(tid))
-        searched += [k for k in params if k not in searched and k not in (*layout.TRIAL_KEYS, "seed")]
+        searched += [k for k in params if k not in searched and k not in (*T.TRIAL_KEYS, "seed")]
         history = _history(folder, tid)
         rows.append(_trial_row(run, tid, folder, _effective(run.config, params), history[-1] if history else None))
         records += history
@@ -232,7 +232,7 @@ def _history(folder: Path | None, trial_id: str) -> list[dict]:
 
 def _trial_row(run: Run, tid: str, folder: Path | None, config: dict, last: dict | None) -> dict:
     ray_status = run.ray[tid]["status"] if tid in run.ray else None
-    status, stopped_by = _status(ray_status, last, config, run.decisions.get(tid))
+    status, stopped_by = trial_status(ray_status, last, config, run.decisions.get(tid))
     checkpoint = _latest_checkpoint(folder)
     return {"trial_id": tid, "status": status, "stopped_by": stopped_by, "ray_status": ray_status,
             "trial_dir": folder.name if folder is not None else "",
@@ -256,48 +256,16 @@ def _latency(folder: Path | None, checkpoint: str) -> dict:
     return {"latency_ratio": float(ratio)} if isinstance(ratio, (int, float)) and not isinstance(ratio, bool) else {}
 
 
-def _status(ray_status: str | None, last: dict | None, config: dict, decision: str | None) -> tuple[str, str]:
-    """(status, stopped_by) of one trial; see STATUSES.
-
-    A diverged last report wins over Ray's status (the trial ended because of it). A trial Ray still
-    lists as live, but whose last report says done or which a scheduler decided to stop, has ended:
-    the experiment state lags the result files by up to one snapshot.
-    """
-    if last is not None and _flag(last.get("diverged")):
-        return "diverged", "diverged"
-    if ray_status == "ERROR":
-        return "error", ""
-    done = last is not None and _flag(last.get("done"))
-    ended = ray_status == "TERMINATED" or decision is not None or done
-    if not ended:
-        if ray_status in ("RUNNING", "PAUSED") or (ray_status is None and last is not None):
-            return "running", ""
-        return "pending", ""
-    epoch = _epoch(last)
-    target = config.get("train.epochs")
-    if target is None or (epoch is not None and epoch >= float(target)):
-        return "completed", ""
+def trial_status(ray_status: str | None, last: dict | None, config: dict, decision: str | None) -> tuple[str, str]:
+    """(status, stopped_by) of one trial: core.trials.classify, the rule the searcher and the gauges use (a
+    scheduler's decision means it ended, whatever the lagging experiment state says)."""
+    status = T.classify(ray_status, last, config.get("train.epochs"), ended=decision is not None)
+    if status == T.Status.DIVERGED:
+        return status.value, "diverged"
+    if status != T.Status.STOPPED:
+        return status.value, ""
     scheduler = config.get("search.scheduler.name")
-    return "stopped", decision or (str(scheduler) if scheduler else "")
-
-
-def _epoch(last: dict | None) -> float | None:
-    if last is None:
-        return None
-    for key in ("epoch", "training_iteration"):
-        if key in last and not pd.isna(last[key]):
-            return float(last[key])
-    return None
-
-
-def _flag(value) -> bool:
-    """True for a true boolean or number (numpy ones too); missing values (NaN, None) are false."""
-    if isinstance(value, str):
-        return value.strip().lower() == "true"
-    try:
-        return bool(not pd.isna(value) and value)
-    except (TypeError, ValueError):  # a list or other container
-        return False
+    return status.value, decision or (str(scheduler) if scheduler else "")
 
 
 def _latest_checkpoint(folder: Path | None) -> str:

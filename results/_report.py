@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
 import pandas as pd
 
 from gatetune.core import layout
-from gatetune.core.storage import RunStore
+from gatetune.core.storage import RunStore, write_atomic
 
 from ._collect import STATUSES, open_run
 from ._seeds import dense_baseline
@@ -30,19 +31,23 @@ def write_report(run_dir, csv=None, markdown=None, plot=None) -> pd.DataFrame:
     run = open_run(run_dir)
     size = folder_size(run.path)  # before our own files are (re)written; a remote mirror holds no checkpoints
     df = table_of(run)
-    csv = Path(csv or run.path / layout.REPORT_CSV)
-    markdown = Path(markdown or run.path / layout.REPORT_MD)
-    plot = Path(plot or run.path / layout.PARETO_PNG)
-    df.to_csv(csv, index=False)
-    plot_pareto(df, plot, title=f"{run.name}: top-1 accuracy against cost, {len(df)} trials")
-    image = Path(os.path.relpath(plot, markdown.parent)).as_posix()
-    markdown.write_text(_report_text(run.name, Path(run.where or run.path), df, size, image,
-                                     "" if not run.where else " (without checkpoints)"))
-    if run.where:   # a remote run folder: the three files go back into it
-        store = RunStore(run.where)
-        for local in (csv, markdown, plot):
-            if local.parent == run.path:
-                store.upload(local, local.name)
+    store = RunStore(run.where or run.path)
+
+    def put(path, name: str, data: bytes) -> Path:   # each file whole or not at all (core.storage)
+        if path is None:
+            store.write_bytes(name, data)
+            return run.path / name
+        write_atomic(path, lambda f: f.write(data))
+        return Path(path)
+
+    png = io.BytesIO()
+    plot_pareto(df, png, title=f"{run.name}: top-1 accuracy against cost, {len(df)} trials")
+    put(csv, layout.REPORT_CSV, df.to_csv(index=False).encode())
+    plot = put(plot, layout.PARETO_PNG, png.getvalue())
+    md_path = Path(markdown) if markdown is not None else run.path / layout.REPORT_MD
+    image = Path(os.path.relpath(plot, md_path.parent)).as_posix()
+    put(markdown, layout.REPORT_MD, _report_text(run.name, Path(run.where or run.path), df, size, image,
+                                                 "" if not run.where else " (without checkpoints)").encode())
     return df
 
 
@@ -192,7 +197,7 @@ def plot_pareto(df: pd.DataFrame, path, title: str) -> None:
     if axes[0].get_legend_handles_labels()[0]:  # nothing to explain before the first results
         axes[0].legend(loc="best", fontsize="small")
     fig.suptitle(title)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
 
 
 def _panel(ax, df: pd.DataFrame, x: str, front: str, baseline) -> None:

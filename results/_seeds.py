@@ -11,9 +11,30 @@ import re
 import numpy as np
 import pandas as pd
 
-SEED_COLUMNS = ("confirms", "n_seeds", "top1_mean", "top1_std", "density_mean", "macs_ratio_mean", "pareto_seeds")
-# Objectives of the confirmation fronts, per `search.confirm.front`.
-_FRONT = {"pareto": (("top1", "max"), ("macs_ratio", "min")), "pareto_density": (("top1", "max"), ("density", "min"))}
+from gatetune.core import trials as T
+
+SEED_COLUMNS = (T.CONFIRMS, "n_seeds", "top1_mean", "top1_std", "density_mean", "macs_ratio_mean", "pareto_seeds")
+# The fronts, by name (report columns and `search.confirm.front` values): accuracy against compute, and
+# against achieved density.
+PARETO = {"pareto": (("top1", "max"), ("macs_ratio", "min")),
+          "pareto_density": (("top1", "max"), ("density", "min"))}
+
+
+def search_rows(df: pd.DataFrame) -> pd.Series:
+    """Boolean Series over df's index: the search's own trials (not a seed replica, not the dense pretraining)."""
+    out = pd.Series(True, index=df.index)
+    if T.CONFIRMS in df:
+        out &= df[T.CONFIRMS].fillna("").astype(str) == ""
+    if T.PRETRAIN in df:
+        from ._table import is_true
+        out &= ~df[T.PRETRAIN].map(is_true).astype(bool)
+    return out
+
+
+def front_candidates(df: pd.DataFrame) -> pd.Series:
+    """The rows a front is drawn from: search trials that trained their full budget with a top-1 (a stopped
+    trial's top-1 is an earlier epoch's; replicas count through their origin's mean)."""
+    return (df["status"] == T.Status.COMPLETED.value) & df["top1"].notna() & search_rows(df)
 
 
 def front_trials(df: pd.DataFrame, rule: str, baseline: bool = True) -> list[str]:
@@ -24,11 +45,9 @@ def front_trials(df: pd.DataFrame, rule: str, baseline: bool = True) -> list[str
     baseline). df needs trial_id, status, top1, macs_ratio, density, and confirms when replicas exist,
     target_density and gated_layers for the baseline."""
     from ._table import pareto_mask
-    done = df[(df["status"] == "completed") & df["top1"].notna()]
-    if "confirms" in done:
-        done = done[done["confirms"].fillna("").astype(str) == ""]
+    done = df[front_candidates(df)]
     top = re.fullmatch(r"top (\d+)", rule)
-    chosen = done if top else done[pareto_mask(done, _FRONT[rule])]
+    chosen = done if top else done[pareto_mask(done, PARETO[rule])]
     chosen = chosen.sort_values(["top1", "trial_id"], ascending=[False, True], kind="stable")
     ids = list(chosen["trial_id"][: int(top.group(1))] if top else chosen["trial_id"])
     best = dense_baseline(done) if baseline else None
@@ -42,15 +61,13 @@ def dense_baseline(df: pd.DataFrame):
     else the best completed trial with target density 1.0 or nothing gated (never a stopped one: its top-1
     is an earlier epoch's); None when there is none. df needs trial_id, status, top1, and where present
     pretrain, confirms, target_density, gated_layers."""
-    done = df[(df["status"] == "completed") & df["top1"].notna()]
-    if "pretrain" in done:
+    done = df[(df["status"] == T.Status.COMPLETED.value) & df["top1"].notna()]
+    if T.PRETRAIN in done:
         from ._table import is_true
-        pretrain = done["pretrain"].map(is_true).astype(bool)
+        pretrain = done[T.PRETRAIN].map(is_true).astype(bool)
         if pretrain.any():
             return done[pretrain].iloc[0]
-        done = done[~pretrain]
-    if "confirms" in done:
-        done = done[done["confirms"].fillna("").astype(str) == ""]
+    done = done[search_rows(done)]
     if "target_density" not in done:
         return None
     dense = pd.to_numeric(done["target_density"], errors="coerce").ge(1.0)
@@ -80,7 +97,7 @@ def add_seed_stats(out: pd.DataFrame, rule: str | None) -> pd.DataFrame:
                 seeds["density"].mean(), seeds["macs_ratio"].mean()]
     confirmed = out[out["n_seeds"].notna()]
     if len(confirmed):
-        objectives = tuple((f"{c}_mean", m) for c, m in _FRONT.get(rule or "pareto", _FRONT["pareto"]))
+        objectives = tuple((f"{c}_mean", m) for c, m in PARETO.get(rule or "pareto", PARETO["pareto"]))
         mask = pareto_mask(confirmed, objectives)
         out.loc[mask[mask].index, "pareto_seeds"] = True
     out["pareto_seeds"] = out["pareto_seeds"].astype(bool)

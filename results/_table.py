@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pandas as pd
 
-from gatetune.core import layout
+from gatetune.core import trials as T
 
 from ._collect import Run, collect_run, open_run
-from ._seeds import SEED_COLUMNS, add_seed_stats
+from ._seeds import PARETO, SEED_COLUMNS, add_seed_stats, front_candidates
 
 # Report column -> key of the trial's effective config (the same word as the YAML key).
 _FROM_CONFIG = {"model": "model.name", "dataset": "data.dataset", "policy": "gating.policy",
@@ -21,9 +21,6 @@ COLUMNS = ("trial_id", "status", "stopped_by", "model", "dataset", "policy", "ta
            "macs_ratio", "macs", "top1", "top5", "gate_loss", "epochs", "weight", "gated_layers",
            "trainable_layers", "lr", "seed", "node", "checkpoint", "pareto", "pareto_density", "gate_health",
            "gate_health_detail", "started_from", "pretrain", *SEED_COLUMNS)
-# Objectives of the two fronts: accuracy against compute, and against achieved density.
-PARETO = {"pareto": (("top1", "max"), ("macs_ratio", "min")),
-          "pareto_density": (("top1", "max"), ("density", "min"))}
 
 
 def table(run_dir) -> pd.DataFrame:
@@ -61,18 +58,18 @@ def table_of(run: Run) -> pd.DataFrame:
         elif name in PARETO:
             out[name] = False  # filled in below, once the metrics are in place
         elif name == "confirms":
-            out[name] = col(f"config/{layout.CONFIRMS}")
+            out[name] = col(f"config/{T.CONFIRMS}")
         elif name == "started_from":
-            out[name] = col(f"config/{layout.STARTED_FROM}").fillna("").astype(str)
+            out[name] = col(f"config/{T.STARTED_FROM}").fillna("").astype(str)
         elif name == "pretrain":
-            out[name] = col(f"config/{layout.PRETRAIN}").map(is_true)
+            out[name] = col(f"config/{T.PRETRAIN}").map(is_true)
         elif name not in SEED_COLUMNS:
             out[name] = col(name).fillna("")
     for name in ("gated_layers", "trainable_layers"):
         out[name] = out[name].map(_text)
     confirm = (run.config.get("search") or {}).get("confirm") or {}
     out = add_seed_stats(out, confirm.get("front"))
-    on_front = out["top1"].notna() & (out["status"] == "completed") & (out["confirms"] == "") & ~out["pretrain"]
+    on_front = front_candidates(out)
     for name, objectives in PARETO.items():
         out[name] = pareto_mask(out[on_front], objectives).reindex(out.index, fill_value=False).astype(bool)
     if "latency_ratio" in trials:

@@ -73,3 +73,70 @@ def test_function_trainable_mixins_and_repr():
     obj = cls.__new__(cls)
     obj._name = "trial x"
     assert repr(obj) == "trial x", "ImplicitFunc.__repr__ no longer returns _name: update tuning/search/trainable.py"
+
+
+def test_actor_name_log_prefix():
+    """tuning/search/trainable.py (TrialLabel.reset_config) prints `:actor_name:<label>` so Ray's log monitor
+    prefixes the reused worker's next lines with the new trial's name."""
+    from ray._private import ray_constants
+    assert ray_constants.LOG_PREFIX_ACTOR_NAME == ":actor_name:", (
+        "Ray's actor-name log prefix changed: update tuning/search/trainable.py (TrialLabel)")
+
+
+def test_snapshot_file_names():
+    """tuning/search/snapshot.py (KeepState, recover) copies and restores Ray's snapshot files by name, and
+    results/_collect.py reads experiment_state-*.json."""
+    from ray.tune.callback import CallbackList
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.search import SearchGenerator, Searcher
+
+    from gatetune.core import layout
+    from gatetune.tuning.search.snapshot import STATE_PATTERNS
+    names = [c.CKPT_FILE_TMPL.format("*") for c in (TuneController, SearchGenerator, Searcher, CallbackList)]
+    assert tuple(names) == STATE_PATTERNS, f"Ray's snapshot files are now {names}: update tuning/search/snapshot.py"
+    assert names[0] == layout.EXPERIMENT_STATE_GLOB
+
+
+@pytest.mark.parametrize("name", ["TUNE_GLOBAL_CHECKPOINT_S", "TUNE_ONLY_STORE_CHECKPOINT_SCORE_ATTRIBUTE",
+                                  "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "RAY_AIR_NEW_OUTPUT",
+                                  "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "RAY_DEDUP_LOGS", "RAY_AUTH_MODE"])
+def test_environment_switches_are_still_read(name):
+    """tuning/search/cluster.py, tests/conftest.py and bench/benchlib.py set these; Ray must still read them
+    (a renamed switch is silently ignored: snapshots every 10 s again, the Tune box back in the console)."""
+    from pathlib import Path
+
+    import ray
+    root = Path(ray.__file__).parent
+    readers = [p for sub in ("tune", "train", "air", "_private") for p in (root / sub).rglob("*.py")
+               if "examples" not in p.parts and "tests" not in p.parts and name in p.read_text(errors="ignore")]
+    assert readers, f"Ray {ray.__version__} no longer reads ${name}: find its new name and update tuning/search/cluster.py"
+
+
+def test_wrapping_searcher_protocol():
+    """tuning/search/confirm.py (ConfirmSearch wraps StudySearch): Ray's SearchGenerator saves each object with
+    a `searcher` attribute through get_state() and the innermost through save_to_dir(), and restores them with
+    set_state() / restore_from_dir()."""
+    from ray.tune.search import SearchGenerator
+    save, restore = inspect.getsource(SearchGenerator.save_to_dir), inspect.getsource(SearchGenerator.restore_from_dir)
+    assert 'hasattr(searcher, "searcher")' in save and "get_state()" in save and ".save_to_dir(" in save, (
+        "SearchGenerator.save_to_dir no longer walks wrapped searchers: update tuning/search/confirm.py")
+    assert "set_state(" in restore and ".restore_from_dir(" in restore, (
+        "SearchGenerator.restore_from_dir changed: update tuning/search/confirm.py")
+
+
+def test_torch_module_internals():
+    """models/inference/skip_gate.py overrides nn.Module._apply(fn, recurse) (rebuilds the kernel's view after
+    .to()), models/inference/skip.py reads `_modules` to rebuild a Sequential, and skip_gate.py forces oneDNN
+    with torch.mkldnn_convolution(x, w, b, padding, stride, dilation, groups)."""
+    import torch
+    from torch import nn
+    assert list(inspect.signature(nn.Module._apply).parameters) == ["self", "fn", "recurse"], (
+        "nn.Module._apply's signature changed: update models/inference/skip_gate.py (SkipGate._apply)")
+    seq = nn.Sequential(nn.ReLU())
+    assert isinstance(seq._modules, dict) and list(seq._modules) == ["0"]
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN")
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    out = torch.mkldnn_convolution(x, w, torch.zeros(3), (1, 1), (1, 1), (1, 1), 1)
+    assert torch.allclose(out, torch.nn.functional.conv2d(x, w, padding=1), atol=1e-5), (
+        "torch.mkldnn_convolution's arguments changed: update models/inference/skip_gate.py")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gatetune.core import layout
+from gatetune.core import layout, trials
 from gatetune.tuning.train import checkpoint as ckpt
 from gatetune.tuning import config as C
 from gatetune.tuning.train.run import train_run
@@ -194,7 +194,7 @@ def test_driver_killed_during_the_dense_pretraining_resumes_it(tmp_path):
 
     def pretrain_dir() -> Path | None:
         for params in run_dir.glob("trial_*/params.json"):
-            if json.loads(params.read_text()).get(layout.PRETRAIN):
+            if json.loads(params.read_text()).get(trials.PRETRAIN):
                 return params.parent
         return None
 

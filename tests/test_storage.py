@@ -54,6 +54,29 @@ def test_files_round_trip(s3_bucket, tmp_path):
     assert (local / "gatetune.yaml").read_text() == "name: r1\n" and (local / "trial_x" / "latency.json").is_file()
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_append_and_prune_work_the_same_local_and_remote(where, request, tmp_path):
+    """One store for every run-folder write: append (decisions.jsonl) keeps earlier lines across processes
+    (a new RunStore, as after a resume), prune keeps the newest numbered entries, files and folders alike."""
+    import pickle
+
+    from gatetune.core import layout
+    uri = f"{request.getfixturevalue('s3_bucket')}/runs/p" if where == "s3" else str(tmp_path / "run")
+    store = RunStore(uri)
+    store.append("decisions.jsonl", "a\n")
+    store.append("decisions.jsonl", "b\n")
+    again = pickle.loads(pickle.dumps(store))   # a resumed search's scheduler: a new process
+    again.append("decisions.jsonl", "c\n")
+    assert RunStore(uri).read_text("decisions.jsonl") == "a\nb\nc\n"
+    for i in (1, 2, 10, 3):
+        store.write_bytes(f"trial_x/checkpoint_{i:06d}/state.pt", b"x")
+    store.write_bytes("trial_x/result.json", b"{}")
+    assert store.prune("trial_x", layout.CHECKPOINT_DIR, keep=2) == ["checkpoint_000001", "checkpoint_000002"]
+    assert store.listdir("trial_x") == ["checkpoint_000003", "checkpoint_000010", "result.json"]
+    assert store.prune("trial_x", layout.CHECKPOINT_DIR, keep=2) == []
+    assert store.read_bytes("trial_x/checkpoint_000010/state.pt") == b"x"
+
+
 def test_report_of_an_s3_folder_equals_the_report_of_a_local_copy(s3_bucket, tmp_path):
     local = tmp_path / "local" / "s3run"
     _run_folder(local)

@@ -5,7 +5,7 @@ __all__ = ["Console", "summary", "progress_line"]
 
 from ray.tune import Callback
 
-from gatetune.core import layout
+from gatetune.core import trials as T
 from gatetune.tuning.search.schedulers import nearest_bucket, rungs
 
 
@@ -24,10 +24,9 @@ class Console(Callback):
         self.epochs = epochs
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        origin = trial.config.get(layout.CONFIRMS)
-        role = f" (seed {trial.config.get('seed')} of {origin})" if origin else \
-            " (dense pretraining)" if trial.config.get(layout.PRETRAIN) else ""
-        epochs = trial.config.get("train.epochs", self.epochs) if trial.config.get(layout.PRETRAIN) else self.epochs
+        origin, pretrain = T.origin_of(trial.config), T.is_pretrain(trial.config)
+        role = f" (seed {trial.config.get('seed')} of {origin})" if origin else " (dense pretraining)" if pretrain else ""
+        epochs = trial.config.get("train.epochs", self.epochs) if pretrain else self.epochs
         print(progress_line(f"{trial.trial_id}{role}", result, epochs), flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -37,22 +36,24 @@ class Console(Callback):
 def summary(df, plan, elapsed: float, run_dir: str) -> list[str]:
     """The lines printed when a search returns: finished or interrupted, and how far trials got per
     ASHA rung (per density bucket when stratified). df: the report table; plan: space.SearchPlan."""
-    pretrain = df["pretrain"].astype(bool) if "pretrain" in df else False
-    if plan.cfg.search.pretrain is not None and pretrain is not False and pretrain.any():
+    import pandas as pd
+
+    from gatetune import results
+    pretrain = df[T.PRETRAIN].astype(bool) if T.PRETRAIN in df else pd.Series(False, index=df.index)
+    if plan.cfg.search.pretrain is not None and pretrain.any():
         row = df[pretrain].iloc[0]
         if row["status"] in ("error", "diverged", "stopped"):
             return [f"\nsearch ended after {elapsed:.0f} s: the dense pretraining (trial {row['trial_id']}) "
                     f"{row['status']}, so no search trial ran; see its folder in {run_dir}, fix the config and "
                     "search again"]
-    search = df[(df["confirms"] == "") & ~pretrain] if "confirms" in df else df
+    search = df[results.search_rows(df)]
     expected = plan.trials
     unfinished = int(df["status"].isin(["running", "pending"]).sum()) + max(0, expected - len(search))
     confirm = plan.cfg.search.confirm
     if confirm is not None and not unfinished:   # every confirmed trial has its seeds - 1 replicas
-        from gatetune import results
         want = {t: confirm.seeds - 1 for t in results.front_trials(search, confirm.front,
                                                                     baseline=plan.cfg.search.pretrain is None)}
-        have = df["confirms"].value_counts().to_dict()
+        have = df[T.CONFIRMS].value_counts().to_dict()
         unfinished = sum(max(0, n - have.get(t, 0)) for t, n in want.items())
         expected += sum(want.values())
     if unfinished:
@@ -62,7 +63,7 @@ def summary(df, plan, elapsed: float, run_dir: str) -> list[str]:
              f"errors, {int((df['status'] == 'diverged').sum())} diverged"]
     if confirm is not None:
         n = int(df["n_seeds"].notna().sum())
-        lines.append(f"confirmed {n} front config(s) over {confirm.seeds} seeds: {int((df['confirms'] != '').sum())} "
+        lines.append(f"confirmed {n} front config(s) over {confirm.seeds} seeds: {int((~results.search_rows(df) & ~pretrain).sum())} "
                      f"replica trials; the front over seeds below and in report.md")
     df = search
     s = plan.cfg.search.scheduler

@@ -15,8 +15,8 @@ import time
 
 from ray.tune import Callback
 
-from gatetune.core import layout
-from gatetune.core.dotted import get_dotted, trial_config
+from gatetune.core import trials as T
+from gatetune.core.dotted import trial_config
 
 # metric reported every epoch -> gauge (exported as ray_gatetune_<name>)
 TRIAL_GAUGES = {"top1": "top-1 accuracy (%) of the trial's last epoch", "top5": "top-5 accuracy (%)",
@@ -67,31 +67,23 @@ class TrialCounts(Callback):
 
     def __init__(self, run: str, base: dict):
         self.run, self.base, self._last = run, base, 0.0
-        self._ended: dict[str, str] = {}   # trial id -> status of an ended trial (it no longer changes)
+        self._ended: dict[str, T.Status] = {}   # trial id -> status of an ended trial (it no longer changes)
 
     def on_step_begin(self, iteration, trials, **info):
         if time.monotonic() - self._last < 2.0:
             return
         self._last = time.monotonic()
-        from gatetune.results import STATUSES   # the report's statuses (here: the driver, which has it loaded)
-        counts = dict.fromkeys(STATUSES, 0)
+        counts = dict.fromkeys(T.STATUSES, 0)
         for t in trials:   # every couple of seconds over every trial: an ended one is worked out once
-            status = self._ended.get(t.trial_id) or self._status(t)
-            if str(t.status).lower() in ("terminated", "error"):
+            status = self._ended.get(t.trial_id) or self.status(t)
+            if status.ended:
                 self._ended[t.trial_id] = status
-            counts[status] += 1
+            counts[status.value] += 1
         gauge = _gauge("trials", "trials of the search by status", ("run", "status"))
         for status, n in counts.items():
             gauge.set(n, tags={"run": self.run, "status": status})
 
-    def _status(self, t) -> str:
-        status = str(t.status).lower()
-        if status in ("pending", "paused"):
-            return "pending"
-        if status != "terminated":
-            return "running" if status == "running" else "error"
-        if (t.last_result or {}).get("diverged"):
-            return "diverged"
-        params = layout.config_params(t.config)
-        epochs = get_dotted(trial_config(self.base, params), "train.epochs") or 0
-        return "completed" if (t.last_result or {}).get("epoch", 0) >= epochs else "stopped"
+    def status(self, t) -> T.Status:
+        """The report's status of a live trial (core.trials.classify on Ray's status and last result)."""
+        budget = T.epochs_of(trial_config(self.base, T.config_params(t.config)))
+        return T.classify(str(t.status), t.last_result or None, budget)

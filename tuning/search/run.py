@@ -1,9 +1,9 @@
 """`gatetune search` / `gatetune resume`: a Ray Tune search over a YAML space.
 
     Tuner(trainable with resources (search.pretrain's own for the dense trial),
-          StudySearch(the dense pretraining first; Optuna: define-by-run space, TPE or NSGA-II, seeded, the
-                      study in memory and pickled with Ray's snapshot, optuna.db an export; then the seed
-                      replicas of search.confirm),
+          ConfirmSearch (search.confirm: the seed replicas of the front, once the search trials have ended)
+            wrapping StudySearch (the dense pretraining first; Optuna: define-by-run space, TPE or NSGA-II,
+                      seeded, the study in memory and pickled with Ray's snapshot; optuna.db its export),
           ASHA on top1 with time attribute `epoch` (or FIFO, or ASHA per density bucket),
           RunConfig(storage/name, FailureConfig(max_failures), callbacks: PruneCheckpoints (the newest
                     train.keep_checkpoints per trial), KeepState (local run folders)))
@@ -32,6 +32,7 @@ import yaml
 from ray.tune import Callback
 
 from gatetune.core import layout
+from gatetune.core import trials as T
 from gatetune.core.errors import UserError, first_line
 from gatetune.core.storage import RunStore
 from gatetune.tuning.search import cluster
@@ -56,7 +57,7 @@ def _trial_dirname(trial) -> str:   # a module-level function: Ray pickles the T
 
 
 def _trial_resources(config: dict, search: dict, pretrain: dict) -> dict:   # module level: Ray pickles it
-    return pretrain if config.get(layout.PRETRAIN) else search
+    return pretrain if T.is_pretrain(config) else search
 
 
 def _resources(cfg: C.Config) -> tuple[dict, dict]:
@@ -75,22 +76,17 @@ def _trainable(cfg: C.Config, base: dict, run_dir: str):
 
 
 class PruneCheckpoints(Callback):
-    """Keeps each trial's newest `keep` checkpoint folders, deleting older ones as new ones arrive. (Ray's
-    CheckpointConfig(num_to_keep) does this too, but then forces a snapshot of the whole experiment after
-    every checkpoint of a trial with a short epoch: 37 MB of JSON per checkpoint at 1,000 trials.)"""
+    """Keeps each trial's newest `keep` checkpoint folders in the run folder (RunStore.prune), deleting older
+    ones as new ones arrive. (Ray's CheckpointConfig(num_to_keep) does this too, but then forces a snapshot of
+    the whole experiment after every checkpoint of a trial with a short epoch: 37 MB of JSON per checkpoint
+    at 1,000 trials.)"""
 
-    def __init__(self, keep: int):
-        self.keep = keep
+    def __init__(self, store: RunStore, keep: int):
+        self.store, self.keep = store, keep
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        from pyarrow import fs
         try:
-            parent = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
-            found = checkpoint.filesystem.get_file_info(fs.FileSelector(parent))
-            folders = sorted(f.path for f in found if f.type == fs.FileType.Directory
-                             and layout.CHECKPOINT_DIR.fullmatch(f.path.rsplit("/", 1)[-1]))
-            for old in folders[:-self.keep]:
-                checkpoint.filesystem.delete_dir(old)
+            self.store.prune(layout.trial_dirname(trial.trial_id), layout.CHECKPOINT_DIR, self.keep)
         except Exception as e:   # noqa: BLE001  (a callback that raises would end the search)
             warnings.warn(f"trial {trial.trial_id}: old checkpoints not pruned ({type(e).__name__}: {e})")
 
@@ -139,24 +135,30 @@ def sampler(cfg: C.Config):
 
 def _num_samples(plan: S.SearchPlan) -> int:
     """Trials Tune may create: the dense pretraining, the search's, plus at most seeds - 1 replicas of each
-    confirmed trial (the searcher says when it is done)."""
+    confirmed trial (top K: K, and the best dense trial as the baseline; the searcher says when it is done)."""
     confirm = plan.cfg.search.confirm
     n = plan.trials + (plan.pretrain is not None)
     if confirm is None:
         return n
     top = re.fullmatch(r"top (\d+)", confirm.front)
-    return n + (confirm.seeds - 1) * min(plan.trials, int(top.group(1)) if top else plan.trials)
+    chosen = int(top.group(1)) + (plan.pretrain is None) if top else plan.trials   # + the best dense trial
+    return n + (confirm.seeds - 1) * min(plan.trials, chosen)
 
 
 def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_actors: bool):
     from ray import tune
 
+    from gatetune.tuning.search.confirm import ConfirmSearch
+    from gatetune.tuning.search.export import StudyExport
     from gatetune.tuning.search.study import StudySearch
     cfg, srch = plan.cfg, plan.cfg.search
     store = RunStore(run_dir)
     metric, mode = objectives(cfg)
     searcher = StudySearch(plan, metric=metric, mode=mode, sampler=sampler(cfg), study_name=cfg.name,
-                           export=store)
+                           export=StudyExport(store))
+    if srch.confirm is not None:
+        searcher = ConfirmSearch(searcher, seeds=srch.confirm.seeds, front=srch.confirm.front,
+                                 baseline=plan.pretrain is None)
     multi = isinstance(metric, list)   # TuneConfig takes one metric; the scheduler has top1 itself
     log = schedulers.DecisionLog(store)
     parent, name = run_dir.rstrip("/").rsplit("/", 1)
@@ -171,7 +173,7 @@ def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_act
             name=name, storage_path=parent, verbose=2 if verbose else 0,
             failure_config=tune.FailureConfig(max_failures=srch.max_failures),
             callbacks=[Console(plan.max_epochs), TrialCounts(cfg.name, plan.base),
-                       PruneCheckpoints(cfg.train.keep_checkpoints), *([] if store.remote else [KeepState(run_dir)]),
+                       PruneCheckpoints(store, cfg.train.keep_checkpoints), *([] if store.remote else [KeepState(run_dir)]),
                        *callbacks]),
     )
 

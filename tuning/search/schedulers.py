@@ -28,19 +28,19 @@ __all__ = ["RecordingASHA", "DensityStratifiedASHA", "DecisionLog", "build", "ru
 import json
 import math
 import os
-import tempfile
 import warnings
 
 import numpy as np
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from gatetune.core import layout
+from gatetune.core import trials as T
 from gatetune.core.storage import RunStore
 
 
 def _unranked(trial) -> bool:
     """A seed replica or the dense pretraining: never stopped, never in a rung."""
-    return not layout.ranked(trial.config)
+    return not T.ranked(trial.config)
 
 
 def nearest_bucket(buckets, density: float) -> float:
@@ -58,31 +58,15 @@ def rungs(grace_period: int, reduction_factor: int, max_t: int) -> list[int]:
 
 
 class DecisionLog:
-    """One JSON line per early stop (trial_id, stopped_by, epoch, top1) in the run folder's decisions.jsonl:
-    appended to a local file; in a remote run folder, appended to a local copy uploaded whole each time."""
+    """One JSON line per early stop (trial_id, stopped_by, epoch, top1) in the run folder's decisions.jsonl
+    (RunStore.append: local or remote)."""
 
     def __init__(self, run: RunStore | str | os.PathLike):
         self.run = run if isinstance(run, RunStore) else RunStore(run)
-        self._copy = None   # the local copy of a remote log, in this process
-
-    def __getstate__(self):
-        return {**self.__dict__, "_copy": None}
 
     def write(self, record: dict) -> None:
-        line = json.dumps(record) + "\n"
         try:
-            if not self.run.remote:
-                with open(self.run.local_path(layout.DECISIONS), "a") as f:
-                    f.write(line)
-                return
-            if self._copy is None:
-                fd, self._copy = tempfile.mkstemp(prefix="gatetune-decisions-")
-                os.close(fd)
-                if self.run.exists(layout.DECISIONS):   # a resumed search keeps the earlier lines
-                    self.run.download(layout.DECISIONS, self._copy)
-            with open(self._copy, "a") as f:
-                f.write(line)
-            self.run.upload(self._copy, layout.DECISIONS)
+            self.run.append(layout.DECISIONS, json.dumps(record) + "\n")
         except Exception as e:   # noqa: BLE001  (a scheduler that raises aborts the whole search)
             warnings.warn(f"{self.run.uri(layout.DECISIONS)}: early stop of trial {record.get('trial_id')} not "
                           f"recorded ({type(e).__name__}: {e})")

@@ -24,6 +24,7 @@ import traceback
 from pathlib import Path
 
 from gatetune.core import layout
+from gatetune.core import trials as T
 from gatetune.core.errors import UserError, first_line
 from gatetune.tuning.train import checkpoint as ckpt
 from gatetune.tuning import config as C
@@ -78,7 +79,7 @@ class CheckpointWriteError(RuntimeError):
 
 
 def trial(config: dict, base: dict, run_dir: str = "") -> None:
-    """config: the sampled dotted keys (and layout.TRIAL_KEYS: a seed replica's `confirms`, the trial whose
+    """config: the sampled dotted keys (and core.trials.TRIAL_KEYS: a seed replica's `confirms`, the trial whose
     weights it starts from under `started_from`); base: the resolved search config; run_dir: the run folder."""
     import ray
     from ray import tune
@@ -87,10 +88,10 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
 
     context = tune.get_context()
     trial_id = context.get_trial_id()
-    params = layout.config_params(config)
+    params = T.config_params(config)
     try:
-        if config.get(layout.STARTED_FROM):   # the dense pretraining's weights (search.pretrain)
-            params["model.weights"] = ckpt.trial_weights(run_dir, config[layout.STARTED_FROM])
+        if config.get(T.STARTED_FROM):   # the dense pretraining's weights (search.pretrain)
+            params["model.weights"] = ckpt.trial_weights(run_dir, config[T.STARTED_FROM])
         cfg = C.with_params(base, params)
     except UserError as e:
         print(f"[{trial_id}] error: {e}", file=sys.stderr, flush=True)

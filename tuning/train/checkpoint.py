@@ -22,7 +22,7 @@ import torch
 
 from gatetune.core import layout
 from gatetune.core.errors import CheckpointError
-from gatetune.core.storage import RunStore
+from gatetune.core.storage import RunStore, write_atomic
 
 
 def save_atomic(state: dict, path: str | os.PathLike, sync: bool = True) -> None:
@@ -31,20 +31,9 @@ def save_atomic(state: dict, path: str | os.PathLike, sync: bool = True) -> None
     serialised in memory first: torch.save straight into a full disk raises a RuntimeError with no errno.)
     sync=False skips the fsync, for a file that is only a staging copy (a Ray trial's checkpoint folder,
     which Ray copies into the run folder): waiting for the disk there bought no durability."""
-    path = Path(path)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            if sync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: f.write(buffer.getbuffer()), sync=sync)
 
 
 def read(path: str | os.PathLike) -> dict:
@@ -104,6 +93,7 @@ class RunFolder:
     def __init__(self, path: str | os.PathLike, keep: int = 2):
         self.path, self.keep = Path(path), keep
         self.ckpt_dir = self.path / layout.CHECKPOINTS
+        self.store = RunStore(self.path)
 
     def checkpoints(self) -> list[Path]:
         if not self.ckpt_dir.is_dir():
@@ -121,17 +111,14 @@ class RunFolder:
         target = self.ckpt_dir / layout.epoch_file(state["epoch"])
         save_atomic(state, target)
         self.write_metrics(metrics_rows)
-        for old in self.checkpoints()[:-self.keep]:
-            old.unlink(missing_ok=True)
+        self.store.prune(layout.CHECKPOINTS, layout.EPOCH_FILE, self.keep)
         return target
 
     def write_metrics(self, rows: list[dict]) -> None:
-        # Rewritten whole each epoch from the checkpoint's history, so a resumed run never
-        # duplicates or loses rows.
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        tmp = self.path / f".{layout.METRICS}.tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, self.path / layout.METRICS)
+        """metrics.csv rewritten whole (atomically) each epoch from the checkpoint's history, so a resumed
+        run never duplicates or loses rows."""
+        text = io.StringIO(newline="")
+        w = csv.DictWriter(text, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        w.writeheader()
+        w.writerows(rows)
+        self.store.write_text(layout.METRICS, text.getvalue())
