@@ -9,10 +9,11 @@ from pathlib import Path
 import pandas as pd
 
 from gatetune.core import layout
+from gatetune.core import trials as T
 from gatetune.core.storage import RunStore, write_atomic
 
 from ._collect import STATUSES, open_run
-from ._seeds import dense_baseline
+from ._seeds import dense_baseline, origins, seed_groups
 from ._table import PARETO, cell, is_missing, is_true, markdown_table, summary_markdown, table_of
 
 # One colour per status (tab10 shades): the eye finds the failures first.
@@ -58,7 +59,7 @@ def read_report(source) -> pd.DataFrame:
     return pd.read_csv(source, dtype={c: str for c in _TEXT_COLUMNS}, keep_default_na=False, na_values=[""])
 
 
-_TEXT_COLUMNS = ("trial_id", "confirms", "started_from", "checkpoint", "node", "stopped_by", "gated_layers",
+_TEXT_COLUMNS = ("trial_id", T.CONFIRMS, T.STARTED_FROM, "checkpoint", "node", "stopped_by", "gated_layers",
                  "trainable_layers")
 
 
@@ -105,7 +106,7 @@ def seeds_markdown(df: pd.DataFrame) -> str:
         return ""
 
     def health(origin) -> str:   # over the config's seeds: "ok", or "ok 2, collapsed 1"
-        seeds = df[(df["trial_id"] == origin) | (df["confirms"] == origin)]["gate_health"].astype(str)
+        seeds = df[seed_groups(df) == origin]["gate_health"].astype(str)
         counts = seeds[seeds != ""].value_counts()
         return cell(counts.index[0]) if len(counts) == 1 else ", ".join(f"{h} {n}" for h, n in counts.items())
 
@@ -201,7 +202,7 @@ def plot_pareto(df: pd.DataFrame, path, title: str) -> None:
 
 
 def _panel(ax, df: pd.DataFrame, x: str, front: str, baseline) -> None:
-    points = df[df["top1"].notna() & df[x].notna() & (df["confirms"] == "")]
+    points = df[df["top1"].notna() & df[x].notna() & (origins(df) == "")]
     if points.empty:
         ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
         return

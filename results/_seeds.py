@@ -20,11 +20,20 @@ PARETO = {"pareto": (("top1", "max"), ("macs_ratio", "min")),
           "pareto_density": (("top1", "max"), ("density", "min"))}
 
 
+def origins(df: pd.DataFrame) -> pd.Series:
+    """Per row, the trial a seed replica repeats ("" for every other trial)."""
+    return df[T.CONFIRMS].fillna("").astype(str) if T.CONFIRMS in df else pd.Series("", index=df.index)
+
+
+def seed_groups(df: pd.DataFrame) -> pd.Series:
+    """Per row, the config it trains: the trial a replica repeats, else the trial itself."""
+    origin = origins(df)
+    return origin.where(origin != "", df["trial_id"])
+
+
 def search_rows(df: pd.DataFrame) -> pd.Series:
     """Boolean Series over df's index: the search's own trials (not a seed replica, not the dense pretraining)."""
-    out = pd.Series(True, index=df.index)
-    if T.CONFIRMS in df:
-        out &= df[T.CONFIRMS].fillna("").astype(str) == ""
+    out = origins(df) == ""
     if T.PRETRAIN in df:
         from ._table import is_true
         out &= ~df[T.PRETRAIN].map(is_true).astype(bool)
@@ -82,15 +91,14 @@ def add_seed_stats(out: pd.DataFrame, rule: str | None) -> pd.DataFrame:
     (sample std), density_mean, macs_ratio_mean, and pareto_seeds (on the front of the means); replica rows
     carry `confirms` only."""
     from ._table import pareto_mask
-    confirms = out["confirms"].fillna("").astype(str) if "confirms" in out else pd.Series("", index=out.index)
-    out["confirms"] = confirms
+    out[T.CONFIRMS] = origin = origins(out)
     for name in SEED_COLUMNS[1:]:
         out[name] = False if name == "pareto_seeds" else np.nan
-    origins = set(confirms[confirms != ""]) & set(out["trial_id"])   # configs with replicas (few)
-    done = out[(out["status"] == "completed") & (out["confirms"].isin(origins) | out["trial_id"].isin(origins))]
-    groups = done.groupby(done["confirms"].where(done["confirms"] != "", done["trial_id"]))
-    for origin, seeds in groups:
-        if origin in origins:
+    repeated = set(origin[origin != ""]) & set(out["trial_id"])   # configs with replicas (few)
+    group = seed_groups(out)
+    done = out[(out["status"] == "completed") & group.isin(repeated)]
+    for origin, seeds in done.groupby(group[done.index]):
+        if origin in repeated:
             row = out.index[out["trial_id"] == origin][0]
             out.loc[row, ["n_seeds", "top1_mean", "top1_std", "density_mean", "macs_ratio_mean"]] = [
                 len(seeds), seeds["top1"].mean(), seeds["top1"].std(ddof=1) if len(seeds) > 1 else np.nan,

@@ -57,7 +57,7 @@ def table_of(run: Run) -> pd.DataFrame:
             out[name] = col("node").fillna(col("hostname")).fillna("")
         elif name in PARETO:
             out[name] = False  # filled in below, once the metrics are in place
-        elif name == "confirms":
+        elif name == T.CONFIRMS:
             out[name] = col(f"config/{T.CONFIRMS}")
         elif name == "started_from":
             out[name] = col(f"config/{T.STARTED_FROM}").fillna("").astype(str)
@@ -132,8 +132,8 @@ def _status(row) -> str:
         return f"stopped at epoch {float(row['epochs']):g}"
     if is_true(row.get("pretrain")):
         return f"{row['status']} (dense pretraining)"
-    if cell(row.get("confirms")):   # a seed replica
-        return f"{row['status']} (seed {cell(row.get('seed'))} of {row['confirms']})"
+    if cell(row.get(T.CONFIRMS)):   # a seed replica
+        return f"{row['status']} (seed {cell(row.get('seed'))} of {row[T.CONFIRMS]})"
     return cell(row["status"])
 
 
