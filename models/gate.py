@@ -6,6 +6,10 @@ module stays in the network: for ReLU/ReLU6, act(mask * y) == mask * act(y) and 
 suppressed channels leave the activation exactly 0.
 
 Shapes: x (N, C_in, H, W) -> out (N, C_out, H', W'); saliency s, mask (N, C_out).
+
+A GatedConv2d keeps nothing of a forward: each forward hands its mask and weighted loss term to its
+`tap` (a GateTap, a pass-through submodule), where forward hooks read them: GatedNet.forward's gate
+loss, models/record.py's GateRecorder (densities, selection counts), models/macs.py's MacCounter.
 """
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from torch import nn
 
 from gatetune.models.gate_ops import bn_scale_shift, mean_abs, mean_hw, scale_free
 
-__all__ = ["GatedConv2d", "active_count", "POLICIES", "INPUT_GAIN"]
+__all__ = ["GatedConv2d", "GateTap", "active_count", "POLICIES", "INPUT_GAIN"]
 
 POLICIES = ("fbs", "mse")
 # The standardised pooled input's scale. With 1.0 a resnet20 fine-tuned from dense weights at density 0.5
@@ -29,6 +33,17 @@ INPUT_GAIN = 0.3
 def active_count(density: float, channels: int) -> int:
     """k = ceil(density * C), at least 1. The 1e-9 absorbs float error: ceil(0.7 * 10) is 7, not 8."""
     return max(1, min(channels, math.ceil(density * channels - 1e-9)))
+
+
+class GateTap(nn.Module):
+    """Where a GatedConv2d's per-forward results can be observed: the gate calls tap(mask, loss, n) once per
+    forward with its 0/1 mask (N, C_out) without gradient (None when k == C_out), its loss term
+    (weight * site loss, a scalar tensor; None when weight == 0) and the batch size n; forward hooks read
+    them (the call returns mask and computes nothing). Results pass through a call instead of living on
+    the gate, so a forward leaves no state behind and only the observers that are hooked pay for it."""
+
+    def forward(self, mask: torch.Tensor | None, loss: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        return mask
 
 
 class GatedConv2d(nn.Module):
@@ -49,7 +64,8 @@ class GatedConv2d(nn.Module):
         losers are exactly 0. Without BN: out = mask * s * conv(x). Loss: mean_n sum_c |mask * s|.
     policy "mse": y = BN(conv x) (affine, as in the plain net); the predictor reads x.detach(), so it gets no
         task gradient; out = mask * y. Loss: MSE(s, t), t = relu(spatial max of y), detached.
-    `loss` is weight * that loss for the last forward (None when weight == 0).
+    Each forward calls self.tap(mask, weight * that loss (None when weight == 0), N) (see GateTap); the
+    module keeps no per-forward state (only the one-time nonneg_input check below).
 
     Initialisation (see _init_predictor): bias = |gamma| of the BN (1.0 without BN); the weight is zero when
     the conv comes from trained dense weights (dense_start), so at density 1.0 the gated conv computes
@@ -79,15 +95,7 @@ class GatedConv2d(nn.Module):
             if gamma is not None:
                 self._absorb_sign(gamma)
         self._init_predictor(gamma, dense_start)
-        self.loss: torch.Tensor | None = None
-        self.mask: torch.Tensor | None = None  # (N, C_out) of the last forward, None when k == C_out
-        self.register_buffer("_active", torch.zeros((), dtype=torch.float64), persistent=False)
-        self._seen = 0  # samples since reset_density()
-        self._full = 0  # of which ran with k == C_out (every channel on, no mask built)
-        # per output channel: eval-mode samples that kept it (k == C_out samples are added when read)
-        self.register_buffer("_kept", torch.zeros(conv.out_channels, dtype=torch.float64), persistent=False)
-        self._eval_seen = 0  # eval-mode samples since reset_density()
-        self._eval_full = 0  # of which ran with k == C_out
+        self.tap = GateTap()   # no parameters or buffers: the state_dict is unchanged
 
     @torch.no_grad()
     def _init_predictor(self, gamma: torch.Tensor | None, dense_start: bool) -> None:
@@ -136,65 +144,33 @@ class GatedConv2d(nn.Module):
     @torch.no_grad()
     def _winners(self, s: torch.Tensor) -> torch.Tensor | None:
         """0/1 mask (N, C_out) with exactly k ones per row, or None when every channel is kept."""
-        n = s.shape[0]
-        self._seen += n
-        if not self.training:
-            self._eval_seen += n
         if self.k == s.shape[1]:
-            self._full += n
-            if not self.training:
-                self._eval_full += n
             return None
-        mask = torch.zeros_like(s).scatter_(1, s.topk(self.k, dim=1, sorted=False).indices, 1.0)
-        self._active += mask.sum(dtype=torch.float32)  # exact, also when s is bf16 under autocast
-        if not self.training:   # selection counters: one sum over the batch of the 0/1 mask
-            self._kept += mask.sum(0, dtype=self._kept.dtype)
-        return mask
+        return torch.zeros_like(s).scatter_(1, s.topk(self.k, dim=1, sorted=False).indices, 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.policy == "mse":
             return self._forward_mse(x)
         s = self._predict(x)
-        self.mask = mask = self._winners(s)
+        mask = self._winners(s)
         y = self.conv(x)
         if mask is not None:
             s = s * mask
-        if self.weight:
-            self.loss = self.weight * s.float().sum(1).mean()  # s >= 0: the L1 of the winners' saliencies
+        # s >= 0: the L1 of the winners' saliencies
+        self.tap(mask, self.weight * s.float().sum(1).mean() if self.weight else None, x.shape[0])
         if self.bn is None:
             return y * s[:, :, None, None]
         return bn_scale_shift(y, self.bn, s, self.beta[None] if mask is None else mask * self.beta)
 
     def _forward_mse(self, x: torch.Tensor) -> torch.Tensor:
         s = self._predict(x.detach())
-        self.mask = mask = self._winners(s)
+        mask = self._winners(s)
         y = self.conv(x)
         if self.bn is not None:
             y = self.bn(y)
-        if self.weight:
-            self.loss = self.weight * F.mse_loss(s, y.detach().amax(dim=(2, 3)).clamp(min=0))
+        loss = self.weight * F.mse_loss(s, y.detach().amax(dim=(2, 3)).clamp(min=0)) if self.weight else None
+        self.tap(mask, loss, x.shape[0])
         return y if mask is None else y * mask[:, :, None, None]
-
-    def reset_density(self) -> None:
-        """Zero the density counters and the per-channel selection counters together."""
-        self._active.zero_()
-        self._seen = self._full = 0
-        self.reset_selection()
-
-    def reset_selection(self) -> None:
-        """Zero the per-channel selection counters only."""
-        self._kept.zero_()
-        self._eval_seen = self._eval_full = 0
-
-    def selection_terms(self) -> tuple[torch.Tensor, int]:
-        """(per output channel: eval-mode samples that kept it, float64 (C_out,) on the device; eval-mode
-        samples seen) since the last reset. Training-mode forwards are not counted."""
-        return self._kept + self._eval_full, self._eval_seen
-
-    def density_terms(self) -> tuple[torch.Tensor, int]:
-        """(kept channel count, as a tensor on the device; channel slots seen) since the last reset."""
-        c = self.conv.out_channels
-        return self._active + self._full * c, self._seen * c
 
     def extra_repr(self) -> str:
         c = self.conv.out_channels

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import nn
@@ -15,6 +16,7 @@ from torch import nn
 from gatetune.models.errors import ModelError, nearest
 from gatetune.models.gate import POLICIES, GatedConv2d
 from gatetune.models.macs import MacCounter
+from gatetune.models.record import GateRecorder
 from gatetune.models.registry import ModelEntry, entry
 from gatetune.models.sites import SiteSpec
 from gatetune.models.weights import load_dense
@@ -52,7 +54,9 @@ def _complete(e: ModelEntry, sites: dict[str, SiteSpec]) -> dict[str, SiteSpec]:
 
 
 class GatedNet(nn.Module):
-    """A plain network whose selected convs are GatedConv2d. forward(x (N, C, H, W)) -> logits (N, classes).
+    """A plain network whose selected convs are GatedConv2d. forward(x (N, C, H, W)) -> logits (N, classes);
+    forward(x, with_gate_loss=True) -> (logits, gate loss). What the gates did (densities, selection
+    counts, MACs) is measured by observers around the forwards: record_gates(), count_macs().
 
     model_name, policy, sites (canonical name -> SiteSpec, every site) describe how it was built;
     dense_start: `plain` holds trained dense weights (the gates' predictors then start from a zero weight).
@@ -85,8 +89,24 @@ class GatedNet(nn.Module):
                     _replace(plain, s.bn, nn.Identity())
                 self._gates[s.name] = gate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, *, with_gate_loss: bool = False):
+        """logits; with_gate_loss: (logits, gate loss), the scalar sum over gated sites of weight * site loss
+        of this forward (a zero tensor when no site has a weight). Returned, not kept on the modules, so
+        DDP sees the parameters only the gate loss reaches (the mse policy's predictors) in its output."""
+        if not with_gate_loss:
+            return self.net(x)
+        gates = list(self._gates.values())
+        terms: list[torch.Tensor | None] = [None] * len(gates)
+        hooks = [g.tap.register_forward_hook(partial(_keep_loss, terms, i)) for i, g in enumerate(gates)]
+        try:
+            logits = self.net(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        terms = [t for t in terms if t is not None]   # in site order, whatever the forward order
+        if terms:
+            return logits, torch.stack(terms).sum()
+        return logits, torch.zeros((), device=next(self.parameters()).device)
 
     @property
     def gates(self) -> dict[str, GatedConv2d]:
@@ -102,52 +122,15 @@ class GatedNet(nn.Module):
         self.sites = {n: dataclasses.replace(sp, trainable=n in trainable) for n, sp in self.sites.items()}
 
     def set_gate_weights(self, weights: dict[str, float]) -> None:
-        """Gate-loss weight per gated site (sites not named keep theirs)."""
+        """Gate-loss weight per gated site (sites not named keep theirs; a zero weight adds no term)."""
         for name, w in weights.items():
             self._gates[name].weight = float(w)
-            if not w:
-                self._gates[name].loss = None   # a zero weight adds no term (not the last one computed)
             self.sites[name] = dataclasses.replace(self.sites[name], weight=float(w))
 
-    def gate_loss(self) -> torch.Tensor:
-        """Scalar: sum over gated sites of weight * site loss of the last forward (0 when none)."""
-        terms = [g.loss for g in self._gates.values() if g.loss is not None]
-        if terms:
-            return torch.stack(terms).sum()
-        return torch.zeros((), device=next(self.parameters()).device)
-
-    def read_densities(self, reset: bool = True) -> dict[str, float]:
-        """Achieved density (mean fraction of kept channels) per gated site over every sample since the last
-        reset; NaN for a site that has seen no sample. One device sync for all sites."""
-        if not self._gates:
-            return {}
-        active, slots = zip(*(g.density_terms() for g in self._gates.values()))
-        values = torch.stack(list(active)).tolist()
-        if reset:
-            for g in self._gates.values():
-                g.reset_density()
-        return {n: (a / s if s else float("nan")) for n, a, s in zip(self._gates, values, slots)}
-
-    def selection_counts(self, reset: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
-        """Per gated site: (how many eval-mode samples kept each output channel, a float32 (C_out,) tensor
-        on the CPU; the number of eval-mode samples seen) since the last reset. A site with k == C_out
-        keeps every channel (counts == samples); each sample keeps exactly k, so counts sum to k *
-        samples (exact up to 2**24 per channel). Training-mode forwards are not counted. One device sync
-        for all sites. reset zeroes these counters only; reset_density / read_densities(reset=True) zero
-        them together with the densities."""
-        if not self._gates:
-            return {}
-        kept, seen = zip(*(g.selection_terms() for g in self._gates.values()))
-        flat = torch.cat([k.reshape(-1) for k in kept]).to("cpu", torch.float32).split([k.numel() for k in kept])
-        if reset:
-            for g in self._gates.values():
-                g.reset_selection()
-        return {n: (c.clone(), s) for n, c, s in zip(self._gates, flat, seen)}
-
-    def density_of(self, d: dict[str, float]) -> float:
-        """Overall density of a read_densities() result: kept channels / C_out summed over its sites; 1.0 if none."""
-        total = sum(self.c_out[n] for n in d)
-        return sum(d[n] * self.c_out[n] for n in d) / total if total else 1.0
+    def record_gates(self) -> GateRecorder:
+        """`with net.record_gates() as rec: net(x)` -> rec.densities(), rec.density(), rec.selection_counts()
+        of the forwards inside the block (models/record.py)."""
+        return GateRecorder(self._gates)
 
     @contextmanager
     def count_macs(self):
@@ -155,6 +138,10 @@ class GatedNet(nn.Module):
         counter = MacCounter(self, self._site_of)
         with counter:
             yield counter
+
+
+def _keep_loss(terms: list, i: int, tap: nn.Module, args: tuple, out) -> None:
+    terms[i] = args[1]   # GateTap args: (mask, loss, n)
 
 
 def _replace(root: nn.Module, path: str, new: nn.Module) -> None:

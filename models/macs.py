@@ -7,6 +7,9 @@ zeroed it), and the output fraction is the gate mask's mean for a gated conv, el
 of non-zero input features. Gate predictors (Linear C_in -> C_out) count dense into `macs` but not into
 `dense_macs`, which is the same network without gating (convs + linears only; BN, pooling and the
 saliency multiply are not counted). This is the quadratic input x output saving of FBS section 3.
+
+A gated conv's mask is read from its gate's tap (models/gate.py GateTap), which the gate calls after its
+conv: the conv's hook keeps its input's active channels until then (the gate keeps no mask).
 """
 from __future__ import annotations
 
@@ -38,8 +41,11 @@ class MacCounter:
     def __init__(self, net: nn.Module, site_of: dict[nn.Module, str] | None = None):
         self.net = net
         self._site_of = site_of or {}          # conv module -> site name
-        self._gate_of = {g.conv: g for g in net.modules() if isinstance(g, GatedConv2d)}
-        self._predictors = {g.predictor for g in self._gate_of.values()}
+        gates = [g for g in net.modules() if isinstance(g, GatedConv2d)]
+        self._conv_of_tap = {g.tap: g.conv for g in gates}
+        self._gated_convs = set(self._conv_of_tap.values())
+        self._predictors = {g.predictor for g in gates}
+        self._pending: dict[nn.Module, tuple] = {}   # gated conv -> (images, active inputs, dense) until its tap
         self._images = 0
         self._dense = 0                       # dense MACs summed over images (python int: shapes only)
         self._eff: dict[str, torch.Tensor] = {}  # effective MACs summed over images, per site or '' (rest)
@@ -50,12 +56,15 @@ class MacCounter:
         for m in self.net.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 self._hooks.append(m.register_forward_hook(self._hook))
+        for tap in self._conv_of_tap:
+            self._hooks.append(tap.register_forward_hook(self._tap_hook))
         return self
 
     def __exit__(self, *exc) -> None:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._pending.clear()
 
     def _count_images(self, module, inputs):
         self._images += inputs[0].shape[0]
@@ -71,17 +80,28 @@ class MacCounter:
             eff = dense * _active(x).float().mean(1)
         else:
             dense = conv_macs(m, out)
-            gate = self._gate_of.get(m)
-            mask = gate.mask if gate is not None else None
-            a_in = _active(x)
-            if m.groups > 1 and m.groups == m.in_channels:
-                both = a_in if mask is None else a_in & (mask > 0)
-                eff = dense * both.float().mean(1)
-            else:
-                out_frac = 1.0 if mask is None else mask.float().mean(1)  # float: the mask may be bf16
-                eff = dense * a_in.float().mean(1) * out_frac
+            if m in self._gated_convs:   # finished by _tap_hook, with the gate's mask
+                self._pending[m] = (x.shape[0], _active(x), dense)
+                return
+            eff = self._conv_eff(m, _active(x), None, dense)
         self._dense += dense * x.shape[0]
         self._add(self._site_of.get(m, ""), eff.sum())
+
+    @torch.no_grad()
+    def _tap_hook(self, tap: nn.Module, args: tuple, out) -> None:
+        m = self._conv_of_tap[tap]
+        n, a_in, dense = self._pending.pop(m)
+        self._dense += dense * n
+        self._add(self._site_of.get(m, ""), self._conv_eff(m, a_in, args[0], dense).sum())
+
+    @staticmethod
+    def _conv_eff(m: nn.Conv2d, a_in: torch.Tensor, mask: torch.Tensor | None, dense: int) -> torch.Tensor:
+        """(N,) effective MACs of conv m: a_in its active inputs (N, C_in), mask its gate's (None: all kept)."""
+        if m.groups > 1 and m.groups == m.in_channels:
+            both = a_in if mask is None else a_in & (mask > 0)
+            return dense * both.float().mean(1)
+        out_frac = 1.0 if mask is None else mask.float().mean(1)  # float: the mask may be bf16
+        return dense * a_in.float().mean(1) * out_frac
 
     def _add(self, key: str, value: torch.Tensor) -> None:
         value = value.double()

@@ -66,6 +66,37 @@ def test_plan_processes_and_backend(monkeypatch):
         C.load(DIGITS, ["train.processes=0"])
 
 
+def test_ddp_forward_returns_the_gate_loss_and_reaches_the_mse_predictors(tmp_path):
+    """The training forward through DDP (one gloo process, in this process): model(x, with_gate_loss=True)
+    is the net's own (logits, gate loss), and the gate loss's gradient reaches the mse predictors (which
+    only it reaches); with every weight 0 the rebuilt DDP tolerates the unused predictors."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from gatetune import models
+    from gatetune.tuning.train.ddp import DistContext
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        sites = {s: models.SiteSpec(gate=True, density=0.5, weight=1.0) for s in models.site_names("digitnet")}
+        net = models.build("digitnet", num_classes=10, in_channels=1, input_size=16, policy="mse", sites=sites)
+        model = DistContext(0, 1, CPU).wrap(net)
+        x, y = torch.rand(4, 1, 16, 16), torch.arange(4)
+        logits, gate_loss = model(x, with_gate_loss=True)
+        ref_logits, ref_loss = net(x, with_gate_loss=True)
+        assert torch.equal(logits, ref_logits) and torch.equal(gate_loss, ref_loss) and gate_loss > 0
+        (F.cross_entropy(logits, y) + gate_loss).backward()
+        assert all(g.predictor.weight.grad.abs().sum() > 0 for g in net.gates.values())
+        net.zero_grad(set_to_none=True)
+        net.set_gate_weights({n: 0.0 for n in net.gates})
+        logits, gate_loss = model(x, with_gate_loss=True)
+        assert gate_loss.item() == 0.0
+        (F.cross_entropy(logits, y) + gate_loss).backward()
+        assert all(g.predictor.weight.grad is None for g in net.gates.values())
+        assert torch.equal(model(x), net(x))   # without the flag: logits only
+    finally:
+        dist.destroy_process_group()
+
+
 def _fingerprints(train, epoch: int, bs: int) -> list[tuple]:
     return [(float(x.double().sum()), int(y.sum()), len(y))
             for x, y in train.batches(bs, epoch=epoch, shuffle=True, augment=True, drop_last=True)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from gatetune.models.gate import GatedConv2d, active_count
 from gatetune.models.gate_ops import bn_scale_shift, mean_abs, mean_hw
+from gatetune.models.record import GateRecorder
 
 
 def _conv_bn(c_in=6, c_out=10, seed=0):
@@ -43,6 +45,18 @@ def _saliency(gate, x, batch_stats, running=None):
     return F.relu(gate.predictor(z))
 
 
+def _run(gate, x):
+    """(out, mask, loss, n) of one forward, read from the gate's tap."""
+    seen = []
+    h = gate.tap.register_forward_hook(lambda m, args, out: seen.append(args))
+    try:
+        out = gate(x)
+    finally:
+        h.remove()
+    assert len(seen) == 1   # one tap call per forward
+    return (out, *seen[0])
+
+
 def test_active_count_is_ceil_and_at_least_one():
     assert [active_count(d, 10) for d in (0.7, 0.5, 0.31, 1.0, 0.01)] == [7, 5, 4, 10, 1]
     assert active_count(0.8, 64) == 52 and active_count(0.8, 1024) == 820
@@ -55,14 +69,14 @@ def test_fbs_formula(train):
     x = _x()
     rm, rv = gate.bn.running_mean.clone(), gate.bn.running_var.clone()
     pn = gate.pool_norm.running_mean.clone(), gate.pool_norm.running_var.clone()
-    out = gate(x)
+    out, mask, loss, n = _run(gate, x)
     s = _saliency(gate, x, train, pn)
-    mask = gate.mask
+    assert n == x.shape[0]
     y = F.batch_norm(gate.conv(x), rm, rv, None, None, train, bn.momentum, bn.eps)
     expected = (mask * s)[:, :, None, None] * y + (mask * gate.beta)[:, :, None, None]
     assert torch.allclose(out, expected, atol=1e-5)
     assert torch.allclose(gate.bn.running_mean, rm) and torch.allclose(gate.bn.running_var, rv)  # same update
-    assert gate.loss.item() == pytest.approx(0.1 * (mask * s).abs().sum(1).mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(0.1 * (mask * s).abs().sum(1).mean().item(), rel=1e-5)
     assert not mask.requires_grad and (mask.sum(1) == 5).all()
     assert torch.equal(mask, torch.zeros_like(s).scatter_(1, s.topk(5, 1).indices, 1.0))  # the most salient
 
@@ -73,18 +87,18 @@ def test_fbs_starts_as_the_dense_conv_bn_even_for_negative_gamma():
     for train in (False, True):
         plain_bn = copy.deepcopy(bn).train(train)
         gate = GatedConv2d(copy.deepcopy(conv), copy.deepcopy(bn), density=1.0, dense_start=True).train(train)
-        assert gate.mask is None
-        assert torch.allclose(gate(x), plain_bn(conv(x)), atol=1e-5)
-        assert gate.mask is None  # k == C_out: no top-k, no mask
+        out, mask, loss, _ = _run(gate, x)
+        assert torch.allclose(out, plain_bn(conv(x)), atol=1e-5)
+        assert mask is None and loss is None  # k == C_out: no top-k, no mask; weight 0: no loss term
 
 
 def test_fbs_without_bn_scales_the_conv_output():
     conv = nn.Conv2d(6, 8, 3, padding=1)
     gate = GatedConv2d(copy.deepcopy(conv), None, density=0.25)
     x = _x()
-    out = gate(x)
+    out, mask, _, _ = _run(gate, x)
     s = _saliency(gate, x, True)
-    assert torch.allclose(out, (gate.mask * s)[:, :, None, None] * conv(x), atol=1e-6)
+    assert torch.allclose(out, (mask * s)[:, :, None, None] * conv(x), atol=1e-6)
     assert torch.equal(gate.predictor.bias.detach(), torch.ones(8))
 
 
@@ -93,13 +107,13 @@ def test_mse_policy():
     gate = GatedConv2d(copy.deepcopy(conv), copy.deepcopy(bn), policy="mse", density=0.3, weight=0.5).eval()
     x = _x()
     running = gate.pool_norm.running_mean.clone(), gate.pool_norm.running_var.clone()
-    out = gate(x)
+    out, mask, loss, _ = _run(gate, x)
     y = bn.eval()(conv(x))
     p = _saliency(gate, x, False, running)
-    assert torch.allclose(out, gate.mask[:, :, None, None] * y, atol=1e-6)
+    assert torch.allclose(out, mask[:, :, None, None] * y, atol=1e-6)
     target = y.amax((2, 3)).clamp(min=0)
-    assert gate.loss.item() == pytest.approx(0.5 * F.mse_loss(p, target).item(), rel=1e-5)
-    assert (gate.mask.sum(1) == active_count(0.3, 10)).all()
+    assert loss.item() == pytest.approx(0.5 * F.mse_loss(p, target).item(), rel=1e-5)
+    assert (mask.sum(1) == active_count(0.3, 10)).all()
 
 
 def test_ties_cannot_raise_density():
@@ -108,10 +122,10 @@ def test_ties_cannot_raise_density():
     with torch.no_grad():
         gate.predictor.weight.zero_()
         gate.predictor.bias.fill_(1.0)  # every saliency equal
-    gate(_x())
-    assert (gate.mask.sum(1) == 3).all()
-    active, slots = gate.density_terms()
-    assert active.item() / slots == pytest.approx(0.3)
+    with GateRecorder({"g": gate}) as rec:
+        _, mask, _, _ = _run(gate, _x())
+    assert (mask.sum(1) == 3).all()
+    assert rec.densities() == {"g": pytest.approx(0.3)}
 
 
 def test_nonneg_input_is_checked_once():
@@ -181,11 +195,68 @@ def test_gate_output_takes_an_inplace_relu_and_bf16_autocast():
     conv, bn = _conv_bn()
     gate = GatedConv2d(conv, bn, density=0.5, weight=0.1).train()
     x = _x().requires_grad_()
-    out = F.relu(gate(x), inplace=True)            # the networks' ReLU(inplace=True) after a gate
-    (out.sum() + gate.loss).backward()
+    out, _, loss, _ = _run(gate, x)
+    out = F.relu(out, inplace=True)                # the networks' ReLU(inplace=True) after a gate
+    (out.sum() + loss).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = gate(x)
     assert out.dtype == torch.bfloat16
     out.float().sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in gate.parameters() if p.grad is not None)
+
+
+def _snapshot(module: nn.Module) -> dict:
+    """Every submodule's attributes: names, and the identity of each value and of each parameter/buffer."""
+    return {name: ({k: id(v) for k, v in vars(m).items()}, {k: id(v) for k, v in m._parameters.items()},
+                   {k: id(v) for k, v in m._buffers.items()}, dict(m._forward_hooks))
+            for name, m in module.named_modules()}
+
+
+@pytest.mark.parametrize("policy", ["fbs", "mse"])
+def test_a_forward_leaves_no_state_on_the_gate(policy):
+    """The mask, loss and counts of a forward reach the tap's observers only: nothing is assigned on the
+    module (training or eval, recorded or not); only the BN running statistics change, in place."""
+    conv, bn = _conv_bn()
+    gate = GatedConv2d(conv, bn, policy=policy, density=0.5, weight=0.1)
+    before = _snapshot(gate)
+    for train in (True, False):
+        gate.train(train)
+        gate(_x())
+        with GateRecorder({"g": gate}):
+            _run(gate, _x(seed=2))
+    gate.train(True)
+    assert _snapshot(gate) == before
+    assert not hasattr(gate, "mask") and not hasattr(gate, "loss")
+
+
+def test_recorder_counts_match_the_masks():
+    """Densities over every recorded forward, selection counts over the eval-mode ones only, both equal to
+    sums of the masks the tap saw; a k == C_out gate (no mask) counts every channel."""
+    conv, bn = _conv_bn()
+    gates = {"half": GatedConv2d(copy.deepcopy(conv), copy.deepcopy(bn), density=0.5),
+             "full": GatedConv2d(copy.deepcopy(conv), copy.deepcopy(bn), density=1.0)}
+    seen = {n: [] for n in gates}
+    with GateRecorder(gates) as rec:
+        for i, train in enumerate((True, False, True, False)):
+            for n, g in gates.items():
+                g.train(train)
+                _, mask, _, k = _run(g, _x(n=3 + i, seed=i))
+                seen[n].append((train, torch.ones(k, 10) if mask is None else mask))
+    for n in gates:   # read after the block: the counts stay, the hooks are gone
+        assert not gates[n].tap._forward_hooks
+    gates["half"](_x())   # not recorded
+    dens, counts = rec.densities(), rec.selection_counts()
+    for n in gates:
+        masks = [m for _, m in seen[n]]
+        assert dens[n] == torch.cat(masks).mean().item()
+        evals = torch.cat([m for train, m in seen[n] if not train])
+        c, samples = counts[n]
+        assert samples == evals.shape[0] == 4 + 6 and c.dtype == torch.float32 and c.device.type == "cpu"
+        assert torch.equal(c, evals.sum(0))
+    assert dens["full"] == 1.0 and dens["half"] == 0.5
+    assert rec.density() == (0.5 * 10 + 1.0 * 10) / 20
+    with GateRecorder(gates) as empty:
+        pass
+    assert all(math.isnan(v) for v in empty.densities().values())
+    assert all(s == 0 and c.sum() == 0 for c, s in empty.selection_counts().values())

@@ -1,4 +1,4 @@
-"""Gating health (tuning/train/health.py) from the eval-mode selection counts of a GatedNet."""
+"""Gating health (tuning/train/health.py) from the eval-mode selection counts of a GatedNet's GateRecorder."""
 import json
 
 import pytest
@@ -27,9 +27,9 @@ def _dynamic(net):
 
 
 def _evaluate(net, n=128):
-    with torch.no_grad():
+    with torch.no_grad(), net.record_gates() as rec:
         net(torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
-    return health_metrics(net)
+    return health_metrics(net, rec.selection_counts())
 
 
 def test_constant_saliency_is_static():
@@ -47,16 +47,16 @@ def test_constant_saliency_is_static():
 def test_input_dependent_gates_are_dynamic_and_counted_in_eval_only():
     net = _dynamic(_net(0.5, gate=["conv4", "conv5", "conv6"]))
     net.train()
-    with torch.no_grad():
+    with torch.no_grad(), net.record_gates() as rec:
         net(torch.rand(32, 1, 16, 16))
-    assert all(n == 0 for _, n in net.selection_counts(reset=False).values())   # training forwards do not count
+    assert all(n == 0 for _, n in rec.selection_counts().values())   # training forwards do not count
+    assert health_metrics(net, rec.selection_counts())["gate_health"] == "dense"   # nothing counted: no site
     net.eval()
     m = _evaluate(net)
     assert m["gate_health"] == "ok" and m["dynamic"] > 0.2, m
-    assert net.selection_counts(reset=True)["conv5"][1] == 0   # health_metrics read and reset them
-    with torch.no_grad():
+    with torch.no_grad(), net.record_gates() as rec:
         net(torch.rand(40, 1, 16, 16))
-    for name, (counts, samples) in net.selection_counts().items():
+    for name, (counts, samples) in rec.selection_counts().items():
         assert samples == 40 and counts.sum() == pytest.approx(net.gates[name].k * 40)
 
 
@@ -69,4 +69,7 @@ def test_one_frozen_site_in_a_dynamic_net_is_collapsed():
 
 def test_density_one_is_dense():
     m = _evaluate(_net(1.0))
-    assert m["gate_health"] == "dense" and m["dynamic"] == 0 and not site_health(_net(1.0))
+    net = _net(1.0)
+    with torch.no_grad(), net.record_gates() as rec:
+        net(torch.rand(4, 1, 16, 16))
+    assert m["gate_health"] == "dense" and m["dynamic"] == 0 and not site_health(net, rec.selection_counts())

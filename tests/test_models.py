@@ -51,32 +51,57 @@ def test_registry_lists_every_model_and_refuses_duplicates():
 
 def test_forward_masks_and_densities(gated):
     model, policy, net = gated
-    outputs, input_min = {}, {}
+    outputs, input_min, taps = {}, {}, {}
     hooks = [g.register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o.clone()))
              for n, g in net.gates.items()]
     hooks += [g.register_forward_pre_hook(lambda m, i, n=n: input_min.__setitem__(n, i[0].min()))
               for n, g in net.gates.items()]
+    hooks += [g.tap.register_forward_hook(lambda m, a, o, n=n: taps.__setitem__(n, a)) for n, g in net.gates.items()]
     net.eval()
-    with torch.no_grad():
-        logits = net(_images(model))
+    with torch.no_grad(), net.record_gates() as rec:
+        logits, gate_loss = net(_images(model), with_gate_loss=True)
     for h in hooks:
         h.remove()
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
     # GatedConv2d computes mean|x| as mean x after the first site (nonneg_input): those inputs are ReLU outputs
     assert all(input_min[n] >= 0 for n in M.site_names(model)[1:])
-    assert torch.isfinite(net.gate_loss()) and net.gate_loss() > 0
+    assert torch.isfinite(gate_loss) and gate_loss > 0
+    assert gate_loss.item() == pytest.approx(sum(taps[n][1].item() for n in net.gates), rel=1e-6)
     for name, g in net.gates.items():
         k = active_count(DENSITY, g.conv.out_channels)
-        assert (g.mask.sum(1) == k).all(), name                        # exactly k winners per sample
-        losers = (g.mask == 0)[:, :, None, None].expand_as(outputs[name])
+        mask = taps[name][0]
+        assert (mask.sum(1) == k).all(), name                           # exactly k winners per sample
+        losers = (mask == 0)[:, :, None, None].expand_as(outputs[name])
         assert (outputs[name][losers] == 0).all(), name                 # suppressed channels exactly zero
-    d = net.read_densities()
+    d = rec.densities()
     assert set(d) == set(M.site_names(model))
     expected = {n: active_count(DENSITY, g.conv.out_channels) / g.conv.out_channels for n, g in net.gates.items()}
     assert d == pytest.approx(expected)
     c = [g.conv.out_channels for g in net.gates.values()]
-    assert net.density_of(d) == pytest.approx(sum(math.ceil(DENSITY * x) for x in c) / sum(c))
-    assert all(math.isnan(v) for v in net.read_densities().values())  # reset by the previous read
+    assert rec.density() == pytest.approx(sum(math.ceil(DENSITY * x) for x in c) / sum(c))
+    counts = rec.selection_counts()
+    assert all(torch.equal(counts[n][0], taps[n][0].sum(0)) and counts[n][1] == 2 for n in net.gates)
+    assert all(not g.tap._forward_hooks for g in net.gates.values())   # every observer unhooked
+
+
+def test_forward_returns_logits_and_the_gate_loss():
+    """net(x) -> logits; net(x, with_gate_loss=True) -> (the same logits, sum of weight * site loss), the
+    loss from the forward itself: a zero-weight site adds nothing, no weight at all gives a zero tensor."""
+    torch.manual_seed(0)
+    net = _build("digitnet", sites={s: M.SiteSpec(gate=True, density=0.5, weight=w)
+                                    for s, w in zip(M.site_names("digitnet"), (0.0, 1e-2, 1.0, 0.0, 1e-3, 0.1))})
+    x = _images("digitnet", n=4)
+    terms = {}
+    hooks = [g.tap.register_forward_hook(lambda m, a, o, n=n: terms.__setitem__(n, a[1])) for n, g in net.gates.items()]
+    logits, loss = net(x, with_gate_loss=True)
+    for h in hooks:
+        h.remove()
+    assert torch.equal(logits, net(x)) and loss.dim() == 0 and loss.requires_grad
+    assert terms["conv1"] is None and terms["conv4"] is None
+    assert torch.equal(loss, torch.stack([t for t in terms.values() if t is not None]).sum())
+    net.set_gate_weights({n: 0.0 for n in net.gates})
+    _, zero = net(_images("digitnet", n=4), with_gate_loss=True)
+    assert zero.item() == 0.0 and not zero.requires_grad
 
 
 def test_training_step_freezes_and_routes_gradients(gated):
@@ -103,8 +128,8 @@ def test_training_step_freezes_and_routes_gradients(gated):
 
 def test_mse_gate_loss_trains_only_the_predictors():
     net = _build("digitnet", "mse", sites=_specs("digitnet", gate=True, density=0.5, weight=1.0))
-    net(_images("digitnet", n=4))
-    net.gate_loss().backward()
+    _, gate_loss = net(_images("digitnet", n=4), with_gate_loss=True)
+    gate_loss.backward()
     for g in net.gates.values():
         assert g.predictor.weight.grad.abs().sum() > 0
         assert g.conv.weight.grad is None and g.bn.weight.grad is None
@@ -186,7 +211,10 @@ def test_ungated_sites_keep_the_plain_modules():
     assert block.conv1.conv.weight.requires_grad and net.net.layer3[0].conv2.weight.requires_grad
     assert isinstance(net.net.layer2[0].conv1, GatedConv2d) and isinstance(net.net.layer2[0].bn1, nn.Identity)
     assert isinstance(net.net.layer2[0].conv2, nn.Conv2d) and isinstance(net.net.layer2[0].bn2, nn.BatchNorm2d)
-    assert _build("resnet20").gate_loss().item() == 0.0 and _build("resnet20").density_of({}) == 1.0
+    plain = _build("resnet20")
+    with plain.record_gates() as rec:
+        _, gate_loss = plain(_images("resnet20"), with_gate_loss=True)
+    assert gate_loss.item() == 0.0 and rec.densities() == {} and rec.density() == 1.0
 
 
 # --- dense weights -------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def _steps(net, x, y, lr=0.02, n=3):
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
     losses = []
     for _ in range(n):
-        loss = F.cross_entropy(net(x), y) + net.gate_loss()
+        logits, gate_loss = net(x, with_gate_loss=True)
+        loss = F.cross_entropy(logits, y) + gate_loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -94,18 +94,6 @@ class _Recorder:
             yield x, y
 
 
-class _WithGateLoss(nn.Module):
-    """What DDP wraps: returns the gate loss beside the logits, so DDP's search for unused parameters
-    sees the parameters that only the gate loss reaches (the mse policy's predictors)."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x), self.net.gate_loss()
-
-
 def _no_buffer_sync() -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
     if "forward_sync_buffers" in inspect.signature(DDP).parameters:   # torch >= 2.14
@@ -117,7 +105,9 @@ _NO_BUFFER_SYNC = _no_buffer_sync()
 
 
 class _Replica:
-    """net(x) -> logits through DistributedDataParallel. DDP fixes at construction which parameters it
+    """net(x, **kw) through DistributedDataParallel (kw reach GatedNet.forward: with_gate_loss=True returns
+    the gate loss beside the logits, so DDP's search for unused parameters sees the parameters only the
+    gate loss reaches, the mse policy's predictors). DDP fixes at construction which parameters it
     averages (those with requires_grad) and whether some may go unused, so when either changes (a
     training phase freezes or unfreezes sites, or sets an mse gate's weight to 0) it is rebuilt; every
     rank sees the change at the same step, as the construction is a collective."""
@@ -133,7 +123,7 @@ class _Replica:
         unused = any(g.policy == "mse" and not g.weight for g in gates.values())
         return trains, unused
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, **kw):
         key = self._signature()
         if key != self._key:
             if self._ddp is not None:
@@ -142,10 +132,10 @@ class _Replica:
             cuda = self.device.type == "cuda"
             # no buffer broadcast before each forward: rank 0's BN statistics (the ones saved) are the
             # same either way, and training uses batch statistics; this saves a broadcast per step.
-            self._ddp = DDP(_WithGateLoss(self.net), device_ids=[self.device.index] if cuda else None,
+            self._ddp = DDP(self.net, device_ids=[self.device.index] if cuda else None,
                             find_unused_parameters=key[1], **_NO_BUFFER_SYNC)
             self._key = key
-        return self._ddp(x)[0]
+        return self._ddp(x, **kw)
 
 
 @dataclasses.dataclass
@@ -157,9 +147,10 @@ class DistContext:
     net: nn.Module | None = None
     """The unwrapped network, once wrap() has seen it."""
 
-    def wrap(self, net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A callable for the training forward (gradients averaged across ranks); keep `net` for
-        everything else (gate_loss, evaluate, state_dict)."""
+    def wrap(self, net: nn.Module) -> Callable:
+        """A callable for the training forward, called as `net` is (model(x, with_gate_loss=True) ->
+        (logits, gate loss)), gradients averaged across ranks; keep `net` for everything else (evaluate,
+        state_dict)."""
         self.net = net
         return _Replica(net, self.device)
 

@@ -1,7 +1,7 @@
 """Gating health: whether a trial's gates are dynamic at all, measured on the validation split.
 
 For each gated site that drops channels (k < C_out), each output channel's selection frequency over the
-inputs (models.GatedNet.selection_counts, counted in eval-mode forwards) puts it in one of three groups:
+inputs (models.GateRecorder.selection_counts, counted in eval-mode forwards) puts it in one of three groups:
     dynamic   kept for some inputs and dropped for others (1% < frequency < 99%)
     dead      (almost) never kept: capacity the network trains and never uses
     always    (almost) always kept: a static channel
@@ -24,16 +24,16 @@ STATIC_SHARE = 0.9        # a trial with more static channels than this is `stat
 DENSITY_TOLERANCE = 0.05  # achieved density further than this from the target: `collapsed`
 
 
-def site_health(net) -> dict[str, dict]:
+def site_health(net, counts: dict) -> dict[str, dict]:
     """{site: {channels, kept, dynamic, dead, always, density, target}} of the sites that drop channels;
-    fractions of the site's channels, from the selection counts since the last reset (which it resets)."""
+    fractions of the site's channels, from `counts` (a GateRecorder's selection_counts() of the evaluation)."""
     out = {}
-    for site, (counts, samples) in net.selection_counts(reset=True).items():
+    for site, (kept, samples) in counts.items():
         g = net.gates[site]
         c = g.conv.out_channels
         if g.k >= c or samples == 0:
             continue
-        freq = counts.double() / samples
+        freq = kept.double() / samples
         dead, always = int((freq <= EDGE).sum()), int((freq >= 1 - EDGE).sum())
         out[site] = {"channels": c, "kept": g.k, "dynamic": (c - dead - always) / c, "dead": dead / c,
                      "always": always / c, "density": float(freq.sum()) / c, "target": g.density}
@@ -62,12 +62,13 @@ def _verdict(sites: dict[str, dict]) -> tuple[str, str]:
     return "ok", detail
 
 
-def health_metrics(net) -> dict:
-    """The metrics of one evaluation: `dynamic` over all gated channels, `gate_health`, `gate_health_detail`,
+def health_metrics(net, counts: dict) -> dict:
+    """The metrics of one evaluation from its selection `counts` (GateRecorder.selection_counts(): {site:
+    (per-channel keeps, samples)}): `dynamic` over all gated channels, `gate_health`, `gate_health_detail`,
     and `gate_sites`: a JSON string {site: {"dynamic", "dead", "always"}} (one string, not three numbers
     per site: Ray keeps running statistics of every numeric metric of every trial in the driver and its
     snapshot, which per-site numbers would multiply by the sites, 19 on resnet20)."""
-    sites = site_health(net)
+    sites = site_health(net, counts)
     out = {"gate_sites": json.dumps({name: {k: round(s[k], 4) for k in ("dynamic", "dead", "always")}
                                      for name, s in sites.items()}, separators=(",", ":"))}
     channels = sum(s["channels"] for s in sites.values())

@@ -22,6 +22,7 @@ import math
 import socket
 import sys
 import time
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -85,14 +86,13 @@ def phase_of(phases: list[C.Phase], epoch: int) -> C.Phase:
 @torch.inference_mode()
 def evaluate(net: models.GatedNet, loader, batch_size: int, amp: bool = False) -> dict:
     """Top-1/top-5 (percent), loss, achieved density (overall and per site), measured MACs, and gating
-    health (tuning/train/health.py: dynamic/dead/always channels per site, gate_health)."""
+    health (tuning/train/health.py: dynamic/dead/always channels per site, gate_health), all over these
+    eval-mode forwards (one GateRecorder for densities and selection counts)."""
     net.eval()
-    net.read_densities(reset=True)
-    net.selection_counts(reset=True)
     correct1 = correct5 = 0
     loss_sum = torch.zeros((), device=next(net.parameters()).device)
     n = 0
-    with net.count_macs() as m:
+    with net.record_gates() as rec, net.count_macs() as m:
         for x, y in loader.batches(batch_size):
             with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = net(x)
@@ -102,10 +102,10 @@ def evaluate(net: models.GatedNet, loader, batch_size: int, amp: bool = False) -
             correct1 += int(hit[:, 0].sum())
             correct5 += int(hit.any(dim=1).sum())
             n += len(y)
-    health = health_metrics(net)   # reads (and resets) the selection counts; read_densities resets them too
-    sites = net.read_densities(reset=True)
+    health = health_metrics(net, rec.selection_counts())
+    sites = rec.densities()
     out = {"top1": 100.0 * correct1 / n, "top5": 100.0 * correct5 / n, "loss": float(loss_sum) / n,
-           "density": net.density_of(sites), "macs": float(m.macs), "macs_ratio": float(m.ratio)}
+           "density": rec.density(sites), "macs": float(m.macs), "macs_ratio": float(m.ratio)}
     out.update({f"density/{s}": d for s, d in sites.items()})
     return out | health
 
@@ -174,36 +174,36 @@ def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict |
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, phase, epoch)
         net.train()
-        net.read_densities(reset=True)
         nb = data.train.num_batches(bs, drop_last=True)
         seen, t0, gate_losses = 0, time.perf_counter(), []
         lr = opt.param_groups[0]["lr"]
-        for i, (x, y) in enumerate(data.train.batches(bs, epoch=epoch, shuffle=True,
-                                                       augment=cfg.data.augment, drop_last=True)):
-            if amp:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
-                task = F.cross_entropy(logits.float(), y)
-                gate = net.gate_loss()
-            opt.zero_grad(set_to_none=True)
-            (task + gate).backward()
-            opt.step()
-            seen += len(y)
-            if i % _CHECK_EVERY == 0 or i == nb - 1:
-                g, t = float(gate.detach()), float(task.detach())
-                gate_losses.append(g)
-                bad = not (math.isfinite(g) and math.isfinite(t)) or g > cfg.train.max_gate_loss
-                if bad if dist is None else dist.any(bad):   # every rank stops at the same step
-                    metrics = {**{k: last.get(k, 0.0) for k in METRICS}, **_nonfinite_safe(last)}
-                    metrics.update(epoch=epoch + (i + 1) / nb, gate_loss=g if math.isfinite(g) else -1.0,
-                                   diverged=True, node=node, lr=lr)
-                    bar.update(metrics["epoch"], gate_losses, None, f"DIVERGED (gate loss {g:.4g})", final=True)
-                    on_epoch(metrics, None)
-                    return metrics
-                dens = net.density_of(net.read_densities(reset=False))
-                bar.update(epoch + (i + 1) / nb, gate_losses, dens,
-                           f"loss: {t:.4f} | tp: {seen / (time.perf_counter() - t0):.0f}/s")
+        # the live line's density: this epoch's training forwards (recorded only for a live line)
+        with (net.record_gates() if bar.live else nullcontext()) as rec:
+            for i, (x, y) in enumerate(data.train.batches(bs, epoch=epoch, shuffle=True,
+                                                           augment=cfg.data.augment, drop_last=True)):
+                if amp:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    logits, gate = model(x, with_gate_loss=True)
+                    task = F.cross_entropy(logits.float(), y)
+                opt.zero_grad(set_to_none=True)
+                (task + gate).backward()
+                opt.step()
+                seen += len(y)
+                if i % _CHECK_EVERY == 0 or i == nb - 1:
+                    g, t = float(gate.detach()), float(task.detach())
+                    gate_losses.append(g)
+                    bad = not (math.isfinite(g) and math.isfinite(t)) or g > cfg.train.max_gate_loss
+                    if bad if dist is None else dist.any(bad):   # every rank stops at the same step
+                        metrics = {**{k: last.get(k, 0.0) for k in METRICS}, **_nonfinite_safe(last)}
+                        metrics.update(epoch=epoch + (i + 1) / nb, gate_loss=g if math.isfinite(g) else -1.0,
+                                       diverged=True, node=node, lr=lr)
+                        bar.update(metrics["epoch"], gate_losses, None, f"DIVERGED (gate loss {g:.4g})",
+                                   final=True)
+                        on_epoch(metrics, None)
+                        return metrics
+                    bar.update(epoch + (i + 1) / nb, gate_losses, rec.density() if rec is not None else None,
+                               f"loss: {t:.4f} | tp: {seen / (time.perf_counter() - t0):.0f}/s")
         train_s = time.perf_counter() - t0
         metrics = {"epoch": float(epoch + 1), **evaluate(net, data.val, max(bs, 256), amp)}
         metrics.update(gate_loss=sum(gate_losses) / max(len(gate_losses), 1), lr=lr,
