@@ -17,15 +17,7 @@ gatetune.results (`epochs` = the last epoch each trial reached). ratio = epochs 
 trained, the mean over orders (goal <= 0.35); met=yes only if also ASHA's best top-1, averaged over the
 orders, is within 0.5 points of FIFO's (the digits validation split has 360 images: 1 image = 0.28 pt).
 Epoch counts do not depend on the machine's speed except through the order results arrive in.
-
-Why these settings (the recorded 8-epoch curves of two seeds' 48 configs replayed through the schedulers'
-public hooks, 150 random orders each, 2 trials at a time): plain ASHA with reduction factor 2 trains 35-36%
-of FIFO's epochs on average, with 24 configs or 48, and the mean of 3 orders misses 0.35 about half the time;
-its rungs at 1, 2, 4 keep half the trials each, and the first trials pass nearly empty rungs. Reduction
-factor 4 with recheck trains 29-30% with 48 configs (the 3-order mean fails the goal in at most 2% of
-draws), 31-32% with 24, where too few trials reach epoch 8 to be sure of holding one of the few best:
-top-1 then trails FIFO's by about 0.4 pt on average. Ray's synchronous HyperBand trains every epoch here:
-its brackets fill only with trials live at once, and max_concurrent (2) counts paused trials as live.
+How these settings were chosen (replayed curves, 150 orders each): README.md, Performance.
 
 Why random configs and not a `grid`: a grid runs its points in product order (all density-0.25 trials
 first, dense ones last), each trial better than the ones before it, asynchronous ASHA's worst case.
@@ -36,18 +28,17 @@ first, dense ones last), each trial better than the ones before it, asynchronous
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import os
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # as tests/conftest.py: no token file written
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+import benchlib
+
+benchlib.ray_environment()   # before ray's import
 
 import optuna  # noqa: E402
 import yaml  # noqa: E402
@@ -142,7 +133,8 @@ def _line(label: str, r: dict, df, fifo_epochs: int | None) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = benchlib.parser("asha_vs_fifo", __doc__, quick="smoke run: 4 configs x 2 epochs", verbose=True,
+                         device_help="where the trials train (cuda: the trials at once share one GPU)")
     ap.add_argument("--trials", type=int, default=48, help="configs (N), the same in every search")
     ap.add_argument("--epochs", type=int, default=8, help="max epochs per trial")
     ap.add_argument("--seed", type=int, default=0, help="seeds the config draw, the orders and the training")
@@ -151,16 +143,8 @@ def main() -> None:
     ap.add_argument("--no-recheck", dest="recheck", action="store_false",
                     help="plain ASHA: a trial's promotion at a rung is never revisited")
     ap.add_argument("--cpus", type=int, default=2, help="Ray num_cpus; trials take 1 CPU each, this many at once")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 4 configs x 2 epochs")
-    ap.add_argument("--verbose", action="store_true", help="show the searches' own output")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="where the trials train (cuda: the trials at once share one GPU)")
     a = ap.parse_args()
     if a.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            sys.exit(f"bench asha_vs_fifo: --device cuda, but torch {torch.__version__} sees no CUDA device; "
-                     "run it on a GPU machine or pass --device cpu")
         global DEVICE
         DEVICE = "cuda"
     if a.quick:
@@ -203,12 +187,12 @@ def main() -> None:
           f"({', '.join(f'{x:.1%}' for x in ratios)}) in {wall / fifo['wall']:.0%} of its wall time; best top-1 "
           f"{top1:.2f}% on average ({', '.join(f'{x:.2f}' for x in tops)}) vs {fifo['top1']:.2f}% (gap {gap:+.2f} pt, "
           f"allowed {TOP1_SLACK}); every search ran the same {a.trials} configs")
-    print(f"bench asha_vs_fifo: ratio={ratio:.3f} goal={GOAL} met={'yes' if met else 'no'} "
-          f"ratios={','.join(f'{x:.3f}' for x in ratios)} best_top1_asha={top1:.2f} "
-          f"best_top1_asha_orders={','.join(f'{x:.2f}' for x in tops)} best_top1_fifo={fifo['top1']:.2f} "
-          f"gap={gap:.2f} epochs_asha={','.join(str(r['epochs']) for r in runs)} epochs_fifo={fifo['epochs']} "
-          f"trials={a.trials} orders={len(runs)} seed={a.seed} reduction_factor={a.reduction_factor} "
-          f"recheck={'yes' if a.recheck else 'no'} wall_s_asha={wall:.0f} wall_s_fifo={fifo['wall']:.0f}")
+    benchlib.final_line("asha_vs_fifo", f"{ratio:.3f}", GOAL, met, ratios=",".join(f"{x:.3f}" for x in ratios),
+                        best_top1_asha=f"{top1:.2f}", best_top1_asha_orders=",".join(f"{x:.2f}" for x in tops),
+                        best_top1_fifo=f"{fifo['top1']:.2f}", gap=f"{gap:.2f}",
+                        epochs_asha=",".join(str(r["epochs"]) for r in runs), epochs_fifo=fifo["epochs"],
+                        trials=a.trials, orders=len(runs), seed=a.seed, reduction_factor=a.reduction_factor,
+                        recheck=a.recheck, wall_s_asha=f"{wall:.0f}", wall_s_fifo=f"{fifo['wall']:.0f}")
 
 
 if __name__ == "__main__":

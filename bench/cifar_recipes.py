@@ -24,7 +24,6 @@ On a machine without CUDA, --device cuda (the default) stops with one line.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import os
@@ -34,8 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # as tests/conftest.py: no token file written
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+import benchlib
+
+benchlib.ray_environment()   # before ray's import
 
 import torch  # noqa: E402
 
@@ -100,19 +100,14 @@ def run(recipe: str, a, storage: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    ap = benchlib.parser("cifar_recipes", __doc__, device="cuda",
+                         quick="smoke run: resnet20, 20 images per class, 1 epoch", verbose=True)
     ap.add_argument("--dataset", choices=["folder", "cifar10"], default="folder")
     ap.add_argument("--root", default=str(ROOT / "data" / "cifar10-subset"))
     ap.add_argument("--epochs", type=int, default=3, help="epochs of the dense and of the gated trial")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--recipes", default=",".join(RECIPES))
-    ap.add_argument("--quick", action="store_true", help="smoke run: resnet20, 20 images per class, 1 epoch")
-    ap.add_argument("--verbose", action="store_true", help="show the searches' own output")
     a = ap.parse_args()
-    if a.device == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"bench cifar_recipes: --device cuda, but torch {torch.__version__} sees no CUDA device; "
-                 "run it on a GPU machine or pass --device cpu")
     recipes = a.recipes.split(",")
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
@@ -143,9 +138,9 @@ def main() -> None:
         finally:
             ray.shutdown()
     ratio = min(res["ratio"] for res in out.values())
-    hours = " ".join(f"{r.removeprefix('cifar10_')}_full_h={res['hours']:.1f}" for r, res in out.items())
-    print(f"bench cifar_recipes: ratio={ratio:.2f} goal={GOAL} met={'yes' if ratio >= GOAL else 'no'} {hours} "
-          f"device={a.device} where={where.replace(' ', '_')} dataset={a.dataset} epochs={a.epochs}")
+    hours = {f"{r.removeprefix('cifar10_')}_full_h": f"{res['hours']:.1f}" for r, res in out.items()}
+    benchlib.final_line("cifar_recipes", f"{ratio:.2f}", GOAL, ratio >= GOAL, **hours, device=a.device,
+                        where=where.replace(" ", "_"), dataset=a.dataset, epochs=a.epochs)
 
 
 if __name__ == "__main__":

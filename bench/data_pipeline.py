@@ -26,12 +26,12 @@ counts at its best setting: ratio = the fastest DataLoader setting's epoch time 
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import torch
 
+import benchlib
 from gatetune.tuning import data as D
 from gatetune.tuning.data.base import CIFAR_STATS
 
@@ -82,20 +82,16 @@ def dataloader_epoch(loader, device: torch.device = torch.device("cpu")) -> floa
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = benchlib.parser("data_pipeline", __doc__, quick="smoke run: 2000 images, 1 repeat, workers 0, 1 thread",
+                         device_help="where the batches end up (cuda: gatetune's tensors live there, DataLoader "
+                                     "batches are copied)")
     ap.add_argument("--n", type=int, default=10000, help="images in the epoch")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed epochs per pipeline (best one counts)")
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers settings")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="torch threads tried for the in-process pipelines (gatetune, num_workers=0)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2000 images, 1 repeat, workers 0, 1 thread")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="where the batches end up (cuda: gatetune's tensors live there, DataLoader batches are copied)")
     a = ap.parse_args()
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"bench data_pipeline: --device cuda, but torch {torch.__version__} sees no CUDA device; "
-                         "run it on a GPU machine or pass --device cpu")
     device = torch.device(a.device)
     if a.quick:
         a.n, a.repeats, a.workers, a.threads = 2000, 1, [0], [1]
@@ -146,10 +142,10 @@ def main() -> None:
     g, d = best[g_key], best[d_key]
     ratio = d / g
     per_w = {w: min(s for (name, _), s in best.items() if name == f"workers={w}") for w in a.workers}
-    extra = " ".join(f"dataloader_w{w}_s={s:.3f}" for w, s in per_w.items())
-    print(f"bench data_pipeline: ratio={ratio:.1f} goal={GOAL:g} met={'yes' if ratio >= GOAL else 'no'} "
-          f"gatetune_s={g:.3f} {extra} gatetune_threads={g_key[1]} dataloader_best={d_key[0].replace('=', '')} "
-          f"n={a.n} batch={a.batch}" + (" device=cuda" if device.type == "cuda" else ""))
+    benchlib.final_line("data_pipeline", f"{ratio:.1f}", f"{GOAL:g}", ratio >= GOAL, gatetune_s=f"{g:.3f}",
+                        **{f"dataloader_w{w}_s": f"{s:.3f}" for w, s in per_w.items()},
+                        gatetune_threads=g_key[1], dataloader_best=d_key[0].replace("=", ""), n=a.n, batch=a.batch,
+                        device="cuda" if device.type == "cuda" else None)
 
 
 if __name__ == "__main__":

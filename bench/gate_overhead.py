@@ -14,13 +14,13 @@ is the median over the repeats, so slow drifts of the machine's load cancel. The
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+import benchlib
 from gatetune import models
 
 GOAL = 1.10   # gated training step at density 1.0 / plain, at most
@@ -39,8 +39,8 @@ def _step(net, opt, x, y, amp: bool = False) -> float:
         torch.cuda.synchronize()
     t = time.perf_counter()
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = net(x)
-        loss = F.cross_entropy(logits.float(), y) + net.gate_loss()
+        logits, gate_loss = net(x, with_gate_loss=True)
+        loss = F.cross_entropy(logits.float(), y) + gate_loss
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -74,7 +74,7 @@ def measure(name: str, batch: int, steps: int, repeats: int, device: torch.devic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = benchlib.parser("gate_overhead", __doc__)
     ap.add_argument("--models", nargs="+", default=["resnet20", "mcifarnet"])
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=4, help="steps per block (one block per network and repeat)")
@@ -82,12 +82,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: on a shared machine, two threads stall at every parallel "
                          "region whenever another process holds a core; 0: torch's default)")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast (+ channels_last on cuda)")
     a = ap.parse_args()
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench gate_overhead: --device cuda, but torch.cuda.is_available() is False here "
-                         f"(torch {torch.__version__}); run on a machine with a GPU, or use --device cpu")
     if a.repeats < 1 or a.steps < 1:
         raise SystemExit("bench gate_overhead: --repeats and --steps must be >= 1")
     if a.threads:
@@ -103,8 +99,8 @@ def main() -> None:
         print(f"{name:<10} plain {r['plain_ms']:8.1f} ms/step   gated(d=1.0) {r['gated_ms']:8.1f} ms/step   "
               f"ratio {r['ratio']:.3f}   per repeat " + " ".join(f"{v:.3f}" for v in r["ratios"]))
     worst = max(ratios.values())
-    print(f"bench gate_overhead: ratio={worst:.3f} goal={GOAL} met={'yes' if worst <= GOAL else 'no'} "
-          + " ".join(f"{n}={v:.3f}" for n, v in ratios.items()) + f" repeats={a.repeats}")
+    benchlib.final_line("gate_overhead", f"{worst:.3f}", GOAL, worst <= GOAL,
+                        **{n: f"{v:.3f}" for n, v in ratios.items()}, repeats=a.repeats)
 
 
 if __name__ == "__main__":

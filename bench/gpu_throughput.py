@@ -32,13 +32,13 @@ import contextlib
 import io
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # as tests/conftest.py: no token file written
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+import benchlib
+
+benchlib.ray_environment()   # before ray's import
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -113,8 +113,8 @@ def run(kind: str, folder: Path, a) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    ap = benchlib.parser("gpu_throughput", __doc__, device="cuda",
+                         quick="smoke run: 512 images, 2 epochs, batch 64", verbose=True)
     ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                     help="bf16 autocast + channels_last on cuda (train.amp); ignored on cpu")
     ap.add_argument("--n", type=int, default=50000, help="training images (fake, 3x32x32)")
@@ -122,12 +122,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs per trial (the first is warm-up)")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=1, help="alone+shared pairs, interleaved (ABBA)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 512 images, 2 epochs, batch 64")
-    ap.add_argument("--verbose", action="store_true", help="show the searches' own output")
     a = ap.parse_args()
-    if a.device == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"bench gpu_throughput: --device cuda, but torch {torch.__version__} sees no CUDA device; "
-                 "run it on a GPU machine or pass --device cpu")
     if a.quick:
         a.n, a.val, a.epochs, a.batch, a.rounds = 512, 128, 2, 64, 1
     amp = a.amp and a.device == "cuda"
@@ -167,10 +162,10 @@ def main() -> None:
               "optimistic: raise --n or --epochs")
     print(f"shared total / alone = {shared:.0f} / {alone:.0f} = {ratio:.2f}; one shared trial gets "
           f"{per_trial / alone:.0%} of an alone trial's throughput")
-    print(f"bench gpu_throughput: ratio={ratio:.2f} goal={GOAL} met={'yes' if ratio >= GOAL else 'no'} "
-          f"alone_img_s={alone:.0f} shared_total_img_s={shared:.0f} shared_per_trial_img_s={per_trial:.0f} "
-          f"overlap={overlap:.2f} device={a.device} amp={'yes' if amp else 'no'} "
-          f"where={where.replace(' ', '_')} n={a.n} epochs={a.epochs} batch={a.batch} rounds={a.rounds}")
+    benchlib.final_line("gpu_throughput", f"{ratio:.2f}", GOAL, ratio >= GOAL, alone_img_s=f"{alone:.0f}",
+                        shared_total_img_s=f"{shared:.0f}", shared_per_trial_img_s=f"{per_trial:.0f}",
+                        overlap=f"{overlap:.2f}", device=a.device, amp=amp, where=where.replace(" ", "_"), n=a.n,
+                        epochs=a.epochs, batch=a.batch, rounds=a.rounds)
 
 
 if __name__ == "__main__":

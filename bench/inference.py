@@ -22,12 +22,12 @@ met needs R <= 0.55 and W <= 1.00 (and matching outputs). The other ratios follo
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 
 import torch
 
+import benchlib
 from gatetune import models
 from gatetune.models.inference.skip import time_interleaved
 
@@ -92,20 +92,16 @@ def measure(name: str, densities: list[float], images: int, rounds: int, device:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = benchlib.parser("inference", __doc__)
     ap.add_argument("--models", nargs="+", default=["digitnet", "resnet20", "mcifarnet"])
     ap.add_argument("--densities", nargs="+", type=float, default=[0.25, 0.5, 0.75])
     ap.add_argument("--images", type=int, default=16, help="distinct batch-1 inputs per round")
     ap.add_argument("--rounds", type=int, default=5, help="timed passes over the inputs (after 2 warm-up)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--force", default=None,
                     help="restrict SkipNet's per-gate variants, e.g. 'native' (no forced oneDNN) or 'skip'")
     ap.add_argument("--no-kernel", action="store_true", help="SkipNet in torch ops only (kernel=False)")
     a = ap.parse_args()
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench inference: --device cuda, but torch.cuda.is_available() is False here "
-                         f"(torch {torch.__version__}); run on a machine with a GPU, or use --device cpu")
     device = torch.device(a.device)
     torch.set_num_threads(a.threads)
     where = f"CUDA {torch.cuda.get_device_name()}, channels_last" if a.device == "cuda" else "CPU"
@@ -131,11 +127,12 @@ def main() -> None:
     ratio, worst = ratios[key], max(ratios.values())
     worst_at = max(ratios, key=ratios.get)
     met = ratio <= GOAL and worst <= WORST and match
-    extra = " ".join(f"{n}@{d:g}={v:.3f}" for (n, d), v in ratios.items() if (n, d) != key)
-    print(f"bench inference: ratio={ratio:.3f} goal={GOAL} met={'yes' if met else 'no'} worst={worst:.3f} "
-          f"worst_at={worst_at[0]}@{worst_at[1]:g} model={key[0]}@{key[1]:g} vs_plain={vs_plain[key]:.3f} {extra} "
-          f"outputs_match={'yes' if match else 'no'} max_rel_err={worst_err:.1e} threads={torch.get_num_threads()} "
-          f"device={a.device}" + (f" force={a.force}" if a.force else "") + (" kernel=off" if a.no_kernel else ""))
+    benchlib.final_line("inference", f"{ratio:.3f}", GOAL, met, worst=f"{worst:.3f}",
+                        worst_at=f"{worst_at[0]}@{worst_at[1]:g}", model=f"{key[0]}@{key[1]:g}",
+                        vs_plain=f"{vs_plain[key]:.3f}",
+                        **{f"{n}@{d:g}": f"{v:.3f}" for (n, d), v in ratios.items() if (n, d) != key},
+                        outputs_match=match, max_rel_err=f"{worst_err:.1e}", threads=torch.get_num_threads(),
+                        device=a.device, force=a.force or None, kernel="off" if a.no_kernel else None)
 
 
 if __name__ == "__main__":

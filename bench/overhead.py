@@ -35,18 +35,17 @@ trials themselves run unmodified.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # as tests/conftest.py: no token file written
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+import benchlib
+
+benchlib.ray_environment()   # before ray's import
 
 import torch  # noqa: E402
 
@@ -154,19 +153,14 @@ def search(cfg: C.Config, storage: str, name: str, reuse: bool, verbose: bool) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = benchlib.parser("overhead", __doc__, quick="smoke run: 3 trials, 1 epoch, reuse only", verbose=True,
+                         device_help="where the trials and the plain loop train (cuda: one GPU, "
+                                     "search.resources.gpu: 1)")
     ap.add_argument("--trials", type=int, default=8, help="N trials (a density x weight grid), at most 16")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--cpus", type=int, default=2, help="Ray num_cpus, and CPUs (threads) per trial")
     ap.add_argument("--only", choices=["reuse", "fresh"], help="measure one reuse_actors setting only")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 3 trials, 1 epoch, reuse only")
-    ap.add_argument("--verbose", action="store_true", help="show the searches' own output")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="where the trials and the plain loop train (cuda: one GPU, search.resources.gpu: 1)")
     a = ap.parse_args()
-    if a.device == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"bench overhead: --device cuda, but torch {torch.__version__} sees no CUDA device; "
-                 "run it on a GPU machine or pass --device cpu")
     if a.quick:
         a.trials, a.epochs, a.only = 3, 1, a.only or "reuse"
     if a.trials < 2:
@@ -225,11 +219,12 @@ def main() -> None:
               f"{r['finish']:.2f}, plus ray start {ray_start:.2f}; all-in (wall - plain {plain_s:.2f}) / {n} = "
               f"{o['all_in']:.2f} s/trial")
     ratio = out["reuse"]["per"] if "reuse" in out else out["fresh"]["per"]
-    extra = " ".join(f"{s}_s_per_trial={o['per']:.2f} {s}_median_s={o['median']:.2f} "
-                     f"{s}_per_search_s={o['search']:.1f} {s}_all_in_s_per_trial={o['all_in']:.2f}" for s, o in out.items())
-    print(f"bench overhead: ratio={ratio:.2f} goal={GOAL} met={'yes' if ratio <= GOAL else 'no'} {extra} "
-          f"ray_start_s={ray_start:.1f} plain_s={plain_s:.1f} trials={n} epochs={a.epochs}"
-          + (" device=cuda" if a.device == "cuda" else ""))
+    per_setting = {k: v for s, o in out.items() for k, v in (
+        (f"{s}_s_per_trial", f"{o['per']:.2f}"), (f"{s}_median_s", f"{o['median']:.2f}"),
+        (f"{s}_per_search_s", f"{o['search']:.1f}"), (f"{s}_all_in_s_per_trial", f"{o['all_in']:.2f}"))}
+    benchlib.final_line("overhead", f"{ratio:.2f}", GOAL, ratio <= GOAL, **per_setting,
+                        ray_start_s=f"{ray_start:.1f}", plain_s=f"{plain_s:.1f}", trials=n, epochs=a.epochs,
+                        device="cuda" if a.device == "cuda" else None)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,6 @@ compare runs made side by side. met= is the ratio's goal; all_goals_met= adds th
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import os
@@ -49,8 +48,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # as tests/conftest.py: no token file written
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+import benchlib
+
+benchlib.ray_environment()   # before ray's import
 
 import yaml  # noqa: E402
 
@@ -198,20 +198,13 @@ def load() -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = benchlib.parser("scale", __doc__, quick="smoke run: 5, then 20 trials", verbose=True,
+                         device_help="cuda: each trial asks for 0.5 GPU")
     ap.add_argument("--trials", type=int, default=1000, help="trials of the large search (the small one: a tenth)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 5, then 20 trials")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: each trial asks for 0.5 GPU")
     ap.add_argument("--keep-checkpoints", type=int, default=1, metavar="K",
                     help="train.keep_checkpoints (2 is a search's default)")
     ap.add_argument("--keep", help="write the run folders here (kept) instead of a temporary folder")
-    ap.add_argument("--verbose", action="store_true", help="show the searches' own output")
     a = ap.parse_args()
-    if a.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            sys.exit(f"bench scale: --device cuda, but torch {torch.__version__} sees no CUDA device; "
-                     "run it on a GPU machine or pass --device cpu")
     if a.trials < 4:
         ap.error("--trials must be at least 4")
     sizes = (5, 20) if a.quick else (max(2, a.trials // 10), a.trials)
@@ -241,13 +234,13 @@ def main() -> None:
     met = large["per"] <= GOAL
     all_met = met and large["rss"] <= GOALS["rss_mb"] and large["report"] <= GOALS["report_s"] \
         and large["bytes"] <= GOALS["bytes_per_trial"]
-    figures = " ".join(f"{k}_{r['n']}={v}" for r in (small, large) for k, v in (
+    figures = {f"{k}_{r['n']}": v for r in (small, large) for k, v in (
         ("s_per_trial", f"{r['per']:.3f}"), ("late_s_per_trial", f"{r['late']:.3f}"),
         ("driver_cpu_s_per_trial", f"{r['cpu'] / r['n']:.3f}"),
         ("driver_rss_growth_mb", f"{r['rss']:.0f}"), ("report_s", f"{r['report']:.1f}"),
-        ("bytes_per_trial", f"{r['bytes']:.0f}")))
-    print(f"bench scale: ratio={large['per']:.3f} goal={GOAL} met={'yes' if met else 'no'} {figures} "
-          f"all_goals_met={'yes' if all_met else 'no'} wall={wall:.0f}")
+        ("bytes_per_trial", f"{r['bytes']:.0f}"))}
+    benchlib.final_line("scale", f"{large['per']:.3f}", GOAL, met, **figures, all_goals_met=all_met,
+                        wall=f"{wall:.0f}")
 
 
 if __name__ == "__main__":

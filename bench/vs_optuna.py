@@ -53,7 +53,9 @@ import threading
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")   # as tests/conftest.py: no token file written
+import benchlib
+
+benchlib.ray_environment(dedup_logs=True)   # Ray's own log dedup left as it is, as `gatetune search` has it
 
 GOAL = 1.10        # gatetune all-in wall / Optuna wall
 TOP1_SLACK = 0.5   # points of top-1 gatetune's best may trail Optuna's
@@ -322,11 +324,9 @@ def _line(name: str, r: dict, slots: int) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = benchlib.parser("vs_optuna", __doc__, quick="smoke run: 4 trials x 2 epochs, 1 round",
+                         device_help="cuda: both sides train on the GPU, the two concurrent trials sharing it")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each runs both sides once)")
-    ap.add_argument("--quick", action="store_true", help="smoke run: 4 trials x 2 epochs, 1 round")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                    help="cuda: both sides train on the GPU, the two concurrent trials sharing it")
     ap.add_argument("--optuna-worker", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--storage", help=argparse.SUPPRESS)
     ap.add_argument("--n-trials", type=int, help=argparse.SUPPRESS)
@@ -336,10 +336,6 @@ def main() -> None:
     if a.optuna_worker is not None:
         a.worker = a.optuna_worker
         return optuna_worker(a)
-    import torch
-    if a.device == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"bench vs_optuna: --device cuda, but torch {torch.__version__} sees no CUDA device; "
-                 "run it on a GPU machine or pass --device cpu")
     overrides = (QUICK if a.quick else []) + \
         (["train.device=cuda", f"search.resources.gpu={1 / WORKERS:g}"] if a.device == "cuda" else [])
     rounds = 1 if a.quick else a.rounds
@@ -399,18 +395,18 @@ def main() -> None:
           f"Ray's own processes (gcs, raylet, dashboard, agents) used {ray_cpu:.0f} CPU-s")
     met = ratio <= GOAL and gap_top1 <= TOP1_SLACK
     walls = lambda side: ",".join(f"{r['wall']:.1f}" for r in runs[side])   # noqa: E731
-    print(f"bench vs_optuna: ratio={ratio:.2f} goal={GOAL} met={'yes' if met else 'no'} "
-          f"wall_s_gatetune={walls('gatetune')} wall_s_optuna={walls('optuna')} "
-          f"best_top1_gatetune={best_g:.2f} best_top1_optuna={best_o:.2f} "
-          f"epochs_gatetune={','.join(str(r['epochs']) for r in runs['gatetune'])} "
-          f"epochs_optuna={','.join(str(r['epochs']) for r in runs['optuna'])} "
-          f"start_s_gatetune={mean('gatetune', 'start'):.1f} start_s_optuna={mean('optuna', 'start'):.1f} "
-          f"end_s_gatetune={mean('gatetune', 'end'):.1f} end_s_optuna={mean('optuna', 'end'):.1f} "
-          f"epoch_s_gatetune={epoch_g:.2f} epoch_s_optuna={epoch_o:.2f} idle_s_per_trial_gatetune={idle_g:.2f} "
-          f"idle_s_per_trial_optuna={idle_o:.2f} ray_start_s={ray_on:.1f} ray_start_nodash_s={ray_off:.1f} "
-          f"latency_step_s={steps['latency']:.1f} report_s={steps['report']:.1f} ray_cpu_s={ray_cpu:.0f} "
-          f"load_max={max(max(r['load']) for side in runs.values() for r in side):.1f} trials={n} rounds={rounds}"
-          + (" device=cuda" if a.device == "cuda" else ""))
+    benchlib.final_line(
+        "vs_optuna", f"{ratio:.2f}", GOAL, met, wall_s_gatetune=walls("gatetune"), wall_s_optuna=walls("optuna"),
+        best_top1_gatetune=f"{best_g:.2f}", best_top1_optuna=f"{best_o:.2f}",
+        epochs_gatetune=",".join(str(r["epochs"]) for r in runs["gatetune"]),
+        epochs_optuna=",".join(str(r["epochs"]) for r in runs["optuna"]),
+        start_s_gatetune=f"{mean('gatetune', 'start'):.1f}", start_s_optuna=f"{mean('optuna', 'start'):.1f}",
+        end_s_gatetune=f"{mean('gatetune', 'end'):.1f}", end_s_optuna=f"{mean('optuna', 'end'):.1f}",
+        epoch_s_gatetune=f"{epoch_g:.2f}", epoch_s_optuna=f"{epoch_o:.2f}", idle_s_per_trial_gatetune=f"{idle_g:.2f}",
+        idle_s_per_trial_optuna=f"{idle_o:.2f}", ray_start_s=f"{ray_on:.1f}", ray_start_nodash_s=f"{ray_off:.1f}",
+        latency_step_s=f"{steps['latency']:.1f}", report_s=f"{steps['report']:.1f}", ray_cpu_s=f"{ray_cpu:.0f}",
+        load_max=f"{max(max(r['load']) for side in runs.values() for r in side):.1f}", trials=n, rounds=rounds,
+        device="cuda" if a.device == "cuda" else None)
 
 
 if __name__ == "__main__":

@@ -69,6 +69,22 @@ def test_cifar_recipes_cpu_quick():
     assert float(r["resnet20_full_h"]) > 0
 
 
+def test_benchlib_final_line_is_the_parsed_format(capsys):
+    """bench/benchlib.py's final_line prints exactly the line run_bench parses: booleans as yes/no, items in
+    the order given, None items left out; a value with a space is refused (the line would not parse)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("benchlib", os.path.join(ROOT, "bench", "benchlib.py"))
+    benchlib = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchlib)
+    line = benchlib.final_line("demo", "0.42", 0.5, True, trials=3, amp=False, device=None, ratios="0.1,0.2")
+    assert line == "bench demo: ratio=0.42 goal=0.5 met=yes trials=3 amp=no ratios=0.1,0.2"
+    assert capsys.readouterr().out == line + "\n"
+    m = LINE.match(line)
+    assert m and m.group(1) == "demo" and m.group(4) == "yes" and m.group(5) == " trials=3 amp=no ratios=0.1,0.2"
+    with pytest.raises(ValueError, match="one word"):
+        benchlib.final_line("demo", "1.0", 2, False, where="two words")
+
+
 @pytest.mark.parametrize("name", ["gpu_throughput", "cifar_recipes", "overhead", "data_pipeline", "vs_optuna"])
 def test_cuda_without_a_gpu_is_one_line(name):
     import torch

@@ -1,6 +1,9 @@
 """A real (tiny) Ray Tune search on a local 2-CPU Ray, its report, and the search-level bad inputs."""
+import contextlib
+import io
 import os
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,25 +20,43 @@ TINY = ["train.epochs=3", "train.keep_checkpoints=1", "search.num_samples=4", "s
         "space.gating.gate={choice: [all, [conv5, conv6]]}", "search.confirm={seeds: 2, front: top 1}"]
 
 
-def test_tiny_search_and_report(ray_local, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def tiny(ray_local, tmp_path_factory):
+    """ONE tiny search for the module's tiny_* tests (a Ray search costs ~20-40 s here): its config, storage
+    folder, run folder, success flag, console output, and report split into trials and seed replicas."""
+    storage = tmp_path_factory.mktemp("tiny-search")
     cfg = C.load(QUICK, TINY)
-    run_dir, ok = run_search(cfg, storage=str(tmp_path), name="tiny")
-    assert ok
-    out = capsys.readouterr().out
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        run_dir, ok = run_search(cfg, storage=str(storage), name="tiny")
+    df = results.read_report(os.path.join(run_dir, "report.csv"))
+    return SimpleNamespace(cfg=cfg, storage=storage, run_dir=run_dir, ok=ok, out=console.getvalue(),
+                           trials=df[df["confirms"].isna()], replicas=df[df["confirms"].notna()],
+                           report_md=open(os.path.join(run_dir, "report.md")).read())
+
+
+def test_tiny_search_succeeds_with_one_quiet_line_per_result(tiny):
+    assert tiny.ok
+    out, run_dir = tiny.out, tiny.run_dir
     assert f"run folder: {run_dir}" in out and "| network " in out
     assert "epoch:  1.00/3 | gate.loss:" in out          # one compact line per trial result
     # a quiet console: no Ray Tune box, no TensorBoard hint at Ray's staging folder; TensorBoard on the run folder
     assert "Configuration for experiment" not in out and "driver_artifacts" not in out
     assert f"tensorboard --logdir {run_dir}" in out
-    df = results.read_report(os.path.join(run_dir, "report.csv"))
-    replicas = df[df["confirms"].notna()]
-    df = df[df["confirms"].isna()]
+
+
+def test_tiny_report_has_each_trial_once_and_a_front_of_completed_trials(tiny):
+    df = tiny.trials
     assert len(df) == 4 and df["trial_id"].is_unique
     assert set(df["status"]) <= {"completed", "stopped"}
     assert set(df.loc[df.status == "stopped", "stopped_by"]) <= {"asha"}
     # the front is made of trials that trained their full budget
     assert not (df["pareto"] | df["pareto_density"])[df["status"] != "completed"].any()
     assert set(df.loc[df.status == "completed", "gate_health"]) <= {"ok", "static", "collapsed", "dense"}
+
+
+def test_tiny_confirmation_reruns_the_best_trial_with_the_next_seed_and_averages(tiny):
+    df, replicas = tiny.trials, tiny.replicas
     # confirmation: the best completed trial again with seed + 1, never stopped; the mean over both seeds
     best = df[df.status == "completed"].sort_values("top1").iloc[-1]
     # the best trial again with seed + 1, and the best dense trial (the baseline) when it is another one
@@ -45,40 +66,62 @@ def test_tiny_search_and_report(ray_local, tmp_path, capsys):
     assert replica.status == "completed" and replica.epochs == 3
     origin = df.set_index("trial_id").loc[best["trial_id"]]
     assert origin["n_seeds"] == 2 and origin["top1_mean"] == pytest.approx((best["top1"] + replica.top1) / 2)
-    assert "## Front over 2 seeds" in open(os.path.join(run_dir, "report.md")).read()
-    assert f"confirmed {len(replicas)} front config(s) over 2 seeds" in out
+    assert "## Front over 2 seeds" in tiny.report_md
+    assert f"confirmed {len(replicas)} front config(s) over 2 seeds" in tiny.out
+
+
+def test_tiny_optuna_study_has_completed_and_asha_pruned_trials_but_no_replica(tiny):
     # Optuna's study: finished trials COMPLETE, ASHA-stopped ones PRUNED with their per-epoch top1; no replica
     import optuna
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{os.path.join(run_dir, 'optuna.db')}")
+    df = tiny.trials
+    db = os.path.join(tiny.run_dir, "optuna.db")
+    assert os.path.isfile(db)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{db}")
     states = {t.user_attrs["trial_id"]: t for t in study.trials}
     assert sorted(states) == sorted(df["trial_id"])
     for row in df.itertuples():
         t = states[row.trial_id]
         assert t.state.name == {"completed": "COMPLETE", "stopped": "PRUNED"}[row.status], row
         assert t.intermediate_values[int(row.epochs)] == pytest.approx(row.top1)
+
+
+def test_tiny_search_learns_and_its_best_trial_meets_its_density(tiny):
+    df = tiny.trials
     assert df["top1"].max() > 30          # 3 epochs of a tiny search: well above chance (10%)
-    assert {"gating.density", "gating.weight", "gating.gate", "train.optimizer.lr"} <= set(df.columns)
-    assert (df["checkpoint"].str.len() > 0).all()
     best = df.sort_values("top1").iloc[-1]
     assert abs(best["density"] - best["target_density"]) <= 0.02 or best["gated_layers"] != "all"
-    assert os.path.isfile(os.path.join(run_dir, "optuna.db"))
-    assert os.path.isfile(os.path.join(run_dir, "pareto.png"))
+
+
+def test_tiny_report_has_the_searched_columns_checkpoints_and_pareto_plot(tiny):
+    df = tiny.trials
+    assert {"gating.density", "gating.weight", "gating.gate", "train.optimizer.lr"} <= set(df.columns)
+    assert (df["checkpoint"].str.len() > 0).all()
+    assert os.path.isfile(os.path.join(tiny.run_dir, "pareto.png"))
+
+
+def test_tiny_search_caps_checkpoints_on_disk_and_reports_the_folder_size(tiny):
     # disk is capped: the best train.keep_checkpoints plus the newest per trial; the report says the size
+    run_dir = tiny.run_dir
     for d in os.listdir(run_dir):
         if d.startswith("trial_"):
             kept = [c for c in os.listdir(os.path.join(run_dir, d)) if c.startswith("checkpoint_")]
-            assert 1 <= len(kept) <= cfg.train.keep_checkpoints + 1
-    assert "run folder size" in open(os.path.join(run_dir, "report.md")).read()
+            assert 1 <= len(kept) <= tiny.cfg.train.keep_checkpoints + 1
+    assert "run folder size" in tiny.report_md
 
+
+def test_tiny_report_works_on_a_copied_folder_without_ray(tiny, tmp_path):
     # the report works on a copy, with Ray not involved
     copy = tmp_path / "copied"
-    shutil.copytree(run_dir, copy)
+    shutil.copytree(tiny.run_dir, copy)
     again = results.table(copy)
-    assert sorted(again["trial_id"]) == sorted([*df["trial_id"], *replicas["trial_id"]])
+    assert sorted(again["trial_id"]) == sorted([*tiny.trials["trial_id"], *tiny.replicas["trial_id"]])
 
-    # a second search into the same folder is refused and points at resume
+
+def test_tiny_second_search_into_the_same_folder_is_refused_and_points_at_resume(tiny):
+    # a second search into the same folder is refused and points at resume (the last tiny_* test: it
+    # runs into the shared folder)
     with pytest.raises(UserError, match="gatetune resume"):
-        run_search(cfg, storage=str(tmp_path), name="tiny")
+        run_search(tiny.cfg, storage=str(tiny.storage), name="tiny")
 
 
 def test_impossible_resources_fail_fast(ray_local, tmp_path):
