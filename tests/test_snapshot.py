@@ -67,3 +67,25 @@ def test_no_copy_is_one_user_error(tmp_path):
     _write(tmp_path, S1, 3, cut=True)
     with pytest.raises(UserError, match="cut short .* --name NEW"):
         recover(str(tmp_path))
+
+
+def test_resume_of_a_folder_from_another_gatetune_version_is_one_line(tmp_path):
+    """Ray pickles gatetune's searcher by module path: a folder whose snapshot names a module this gatetune
+    does not have (written before a module moved) is refused in one line, before Ray starts, not called
+    cut short."""
+    import yaml
+
+    from gatetune.core import layout
+    from gatetune.tuning import config as C
+    from gatetune.tuning.search import space
+    from gatetune.tuning.search.run import resume_search
+    quick = os.path.join(os.path.dirname(os.path.dirname(__file__)), "search_spaces", "quickstart.yaml")
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / layout.CONFIG).write_text(yaml.safe_dump(space.prepare(C.load(quick)).base, sort_keys=False))
+    (run / layout.TUNER).write_bytes(b"")
+    (run / f"experiment_state-{S1}.json").write_text(json.dumps({"trial_data": []}))
+    (run / f"searcher-state-{S1}.pkl").write_bytes(b"\x80\x02cgatetune.tuning.searcher\nStudySearch\n.")
+    with pytest.raises(UserError, match="written by another gatetune version .*gatetune.tuning.searcher") as e:
+        resume_search(str(run))
+    assert "\n" not in str(e.value) and (run / f"searcher-state-{S1}.pkl").is_file()

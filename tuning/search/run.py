@@ -20,6 +20,7 @@ from __future__ import annotations
 
 __all__ = ["run_search", "resume_search", "job_metadata", "objectives", "sampler", "PruneCheckpoints"]
 
+import contextlib
 import functools
 import os
 import re
@@ -270,13 +271,29 @@ def resume_search(run_dir: str, *, address: str | None = None, dashboard_host: s
     C.check_environment(cfg, file=str(base_file))
     plan = S.prepare(cfg, str(base_file), start=False)
     data.prepare(cfg.data)
-    if not store.remote and (line := recover(run_dir)):
-        print(line, file=sys.stderr)
+    with _same_version(run_dir):
+        if not store.remote and (line := recover(run_dir)):
+            print(line, file=sys.stderr)
     cluster.quiet(verbose)
     dashboard = cluster.connect(address, dashboard_host, cluster.job_metadata(
         cfg.name, run_dir, str(base_file), plan.trials, cfg.search.confirm))
     cluster.banner(run_dir, dashboard)
     started = time.time()
-    tuner = tune.Tuner.restore(run_dir, trainable=_trainable(cfg, base, run_dir), resume_unfinished=True,
-                               resume_errored=True)
+    with _same_version(run_dir):
+        tuner = tune.Tuner.restore(run_dir, trainable=_trainable(cfg, base, run_dir), resume_unfinished=True,
+                                   resume_errored=True)
     return run_dir, _finish(run_dir, _fit(tuner, run_dir), plan, started)
+
+
+@contextlib.contextmanager
+def _same_version(run_dir: str):
+    """Ray's snapshot pickles gatetune's searcher and callbacks by module path: a folder written by a gatetune
+    whose modules were elsewhere is one line, not a traceback."""
+    try:
+        yield
+    except (ModuleNotFoundError, AttributeError) as e:
+        if "gatetune" not in str(e):
+            raise
+        raise UserError(f"its search state was written by another gatetune version ({first_line(e)}); resume it "
+                        f"with the version that started it (`gatetune report {run_dir}` reads it with this one)",
+                        file=run_dir) from None
