@@ -37,6 +37,23 @@ def require_cuda(name: str) -> None:
                  "run it on a GPU machine or pass --device cpu")
 
 
+def device_name(device: str) -> str:
+    """The GPU's name, or `CPU <n> cores`, for a bench's first line."""
+    import torch
+    return torch.cuda.get_device_name(0) if device == "cuda" else f"CPU {os.cpu_count()} cores"
+
+
+def start_ray(device: str) -> None:
+    """A local Ray with one trial's device: the GPU, or one CPU (and a 200 MiB object store); no dashboard,
+    the workers' output kept out of the bench's."""
+    import ray
+    if device == "cuda":
+        ray.init(include_dashboard=False, address="local", log_to_driver=False, num_gpus=1)
+    else:
+        ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, address="local", log_to_driver=False,
+                 object_store_memory=200 * 1024 ** 2)
+
+
 class BenchParser(argparse.ArgumentParser):
     """An ArgumentParser whose parse_args refuses `--device cuda` on a machine without CUDA (one line)."""
 

@@ -112,18 +112,14 @@ def main() -> None:
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         sys.exit(f"bench cifar_recipes: --recipes {','.join(unknown)}: not one of {', '.join(RECIPES)}")
-    where = torch.cuda.get_device_name(0) if a.device == "cuda" else f"CPU {os.cpu_count()} cores"
+    where = benchlib.device_name(a.device)
     import ray
     with tempfile.TemporaryDirectory(prefix="gatetune-bench-") as tmp:
         if a.quick:   # a throwaway copy: its decoded cache goes with it
             os.environ["GATETUNE_CACHE_DIR"] = str(Path(tmp, "cache"))
             a.root, a.dataset, a.epochs, a.batch, recipes = str(small_copy(Path(a.root), Path(tmp, "data"), 20)), \
                 "folder", 1, 32, ["cifar10_resnet20"]
-        if a.device == "cuda":
-            ray.init(include_dashboard=False, address="local", log_to_driver=False, num_gpus=1)
-        else:
-            ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, address="local", log_to_driver=False,
-                     object_store_memory=200 * 1024 ** 2)
+        benchlib.start_ray(a.device)
         print(f"torch {torch.__version__}, {where}; data.dataset={a.dataset} data.root={a.root}; {a.epochs} "
               f"epoch(s) of dense pretraining and of one gated fine-tune (density 0.5) per recipe", flush=True)
         out = {}

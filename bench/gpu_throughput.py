@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import statistics
 import tempfile
 import time
@@ -126,14 +125,10 @@ def main() -> None:
     if a.quick:
         a.n, a.val, a.epochs, a.batch, a.rounds = 512, 128, 2, 64, 1
     amp = a.amp and a.device == "cuda"
-    where = torch.cuda.get_device_name(0) if a.device == "cuda" else f"CPU {os.cpu_count()} cores"
+    where = benchlib.device_name(a.device)
     import ray
     t = time.perf_counter()
-    if a.device == "cuda":
-        ray.init(include_dashboard=False, address="local", log_to_driver=False, num_gpus=1)
-    else:
-        ray.init(num_cpus=1, num_gpus=0, include_dashboard=False, address="local", log_to_driver=False,
-                 object_store_memory=200 * 1024 ** 2)
+    benchlib.start_ray(a.device)
     print(f"torch {torch.__version__}, resnet20 on {a.n} fake 3x32x32 images, batch {a.batch}, {a.epochs} epochs, "
           f"{'bf16 autocast + channels_last' if amp else 'fp32'}, {where}; ray start {time.perf_counter() - t:.1f} s; "
           f"alone: 1 trial with the whole {a.device}, shared: {SHARED} trials at 1/{SHARED} each", flush=True)

@@ -43,7 +43,9 @@ class Loader(Protocol):
         on (seed, epoch). `augment` is a no-op on the val split and when the spec says augment: false."""
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        """How many batches `batches` yields."""
+        """How many batches `batches` yields (for a loader of whole batches over its samples: this one;
+        ShardedLoader counts its own)."""
+        return count_batches(len(self), batch_size, drop_last)
 
 
 @dataclass

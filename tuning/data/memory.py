@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gatetune.tuning.data.base import (CIFAR_STATS, DEFAULT_SIZE, Data, DataError, affine, count_batches,
+from gatetune.tuning.data.base import (CIFAR_STATS, DEFAULT_SIZE, Data, DataError, Loader, affine,
                                        generator)
 from gatetune.tuning.data.check import FETCH, cifar_class, root_of
 
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from gatetune.tuning.config import DataCfg
 
 
-class TensorLoader:
+class TensorLoader(Loader):
     """A split held whole on the device: images (N, C, H, W) uint8 in [0, 255] or float32 in [0, 1],
     labels (N,) int64. Normalised per batch. Augmentation (train only): translate by up to `pad` pixels
     (zero fill = black before normalising, as torchvision's RandomCrop(padding=pad)) and, with `flip`,
@@ -35,9 +35,6 @@ class TensorLoader:
 
     def __len__(self) -> int:
         return len(self.labels)
-
-    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        return count_batches(len(self), batch_size, drop_last)
 
     def batches(self, batch_size: int, *, epoch: int = 0, shuffle: bool = False, augment: bool = False,
                 drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:

@@ -12,12 +12,12 @@ import os
 import sys
 from typing import TYPE_CHECKING, Iterator
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from gatetune.core.errors import first_line
-from gatetune.tuning.data.base import DEFAULT_SIZE, IMAGENET_STATS, Data, affine, count_batches, generator, stream_seed
+from gatetune.tuning.data.base import (DEFAULT_SIZE, IMAGENET_STATS, Data, Loader, affine, generator,
+                                       stream_seed)
 from gatetune.tuning.data.check import root_of
 from gatetune.tuning.data.scan import Split, scan
 
@@ -97,7 +97,7 @@ class _EpochSampler(torch.utils.data.Sampler):
         return ((i, seeds[i]) for i in order.tolist())
 
 
-class StreamLoader:
+class StreamLoader(Loader):
     """A split read by a DataLoader: `workers` persistent processes, pinned memory on cuda. One DataLoader
     per (batch_size, drop_last, augment), created on first use and kept (its workers too)."""
 
@@ -112,12 +112,9 @@ class StreamLoader:
     def __len__(self) -> int:
         return len(self.split)
 
-    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        return count_batches(len(self), batch_size, drop_last)
-
     def batches(self, batch_size: int, *, epoch: int = 0, shuffle: bool = False, augment: bool = False,
                 drop_last: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
-        count_batches(len(self), batch_size, drop_last)  # raises on a bad batch_size now, not at first next()
+        self.num_batches(batch_size, drop_last)  # raises on a bad batch_size now, not at first next()
         loader = self._loader(batch_size, drop_last, augment and self.can_augment)
         return self._batches(loader, epoch, shuffle)
 
