@@ -19,7 +19,7 @@ from gatetune.models.macs import MacCounter
 from gatetune.models.record import GateRecorder
 from gatetune.models.registry import ModelEntry, entry
 from gatetune.models.sites import SiteSpec
-from gatetune.models.weights import load_dense
+from gatetune.models.weights import is_gated, load_dense, load_gated, load_state, read_state_file
 
 __all__ = ["GatedNet", "build"]
 
@@ -27,7 +27,9 @@ __all__ = ["GatedNet", "build"]
 def build(model: str, *, num_classes: int, in_channels: int, input_size: int, policy: str = "fbs",
           sites: dict[str, SiteSpec] | None = None, weights: str | None = None) -> "GatedNet":
     """Plain `model` -> dense `weights` loaded (optional) -> gated at `sites` (canonical name -> SiteSpec;
-    missing sites are SiteSpec(): plain and trainable). Every name is checked before anything is built."""
+    missing sites are SiteSpec(): plain and trainable). Every name is checked before anything is built.
+    `weights` may also be a gated network's checkpoint, gated at the same sites: it is loaded after the
+    surgery, every key (weights.load_gated), as a density ladder's step starts from the step above."""
     e = entry(model)
     if policy not in POLICIES:
         raise ModelError(f"unknown gating policy {policy!r}; {nearest(str(policy), POLICIES)} "
@@ -37,9 +39,15 @@ def build(model: str, *, num_classes: int, in_channels: int, input_size: int, po
             raise ModelError(f"`{name} >= 1` (an int) must hold, but got {name}={value!r}")
     specs = _complete(e, sites or {})
     plain = e.plain(num_classes, in_channels, input_size)
-    if weights is not None:
+    state = read_state_file(weights) if weights not in (None, "torchvision") else None
+    if weights == "torchvision":
         load_dense(plain, e, weights)
-    return GatedNet(plain, e, policy, specs, dense_start=weights is not None)
+    elif state is not None and not is_gated(state):
+        load_state(plain, state, f"weights file {weights!r}", e)
+    net = GatedNet(plain, e, policy, specs, dense_start=weights is not None)
+    if state is not None and is_gated(state):
+        load_gated(net, state, f"weights file {weights!r}")
+    return net
 
 
 def _complete(e: ModelEntry, sites: dict[str, SiteSpec]) -> dict[str, SiteSpec]:

@@ -1,5 +1,7 @@
 """Dense weights into a plain network, before gating surgery (so predictors start fresh and the gate's
-beta / saliency bias come from the loaded BN).
+beta / saliency bias come from the loaded BN); or a gated network's own checkpoint into a gated network
+gated at the same sites with the same policy (load_gated: a lower density continues from a higher one,
+predictors and all; only the number of channels each gate keeps changes).
 
 Sources: a file holding the plain network's state_dict (torchvision format for torchvision models), or a
 dict with that state_dict under "model" (or "state_dict"); or "torchvision", the DEFAULT ImageNet weights
@@ -17,7 +19,7 @@ from torch import nn
 from gatetune.models.errors import ModelError, nearest
 from gatetune.models.registry import ModelEntry, list_models, entry
 
-__all__ = ["load_dense"]
+__all__ = ["load_dense", "load_state", "load_gated", "read_state_file", "is_gated"]
 
 
 def load_dense(net: nn.Module, e: ModelEntry, weights: str) -> None:
@@ -27,7 +29,7 @@ def load_dense(net: nn.Module, e: ModelEntry, weights: str) -> None:
         state, source = _torchvision_state(e), f"torchvision weights {e.torchvision_weights}.DEFAULT"
     else:
         state, source = read_state_file(weights), f"weights file {weights!r}"
-    _load(net, state, source, e)
+    load_state(net, state, source, e)
 
 
 def _oneline(exc: BaseException) -> str:
@@ -58,10 +60,31 @@ def read_state_file(path: str) -> dict[str, torch.Tensor]:
         obj = {k[len("module."):]: v for k, v in obj.items()}
     if all(k.startswith("net.") for k in obj):     # a gatetune checkpoint (GatedNet wraps the plain net)
         obj = {k[len("net."):]: v for k, v in obj.items()}
-        if any(".predictor." in k for k in obj):
-            raise ModelError(f"weights file {path!r} is a checkpoint of a gated network; dense weights come "
-                             "from a run with gating.gate=none")
     return dict(obj)
+
+
+def is_gated(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict (read_state_file's) is a gated network's: it holds gate predictors."""
+    return any(".predictor." in k for k in state)
+
+
+def load_gated(net: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """A gated network's state (read_state_file's, `net.` stripped) into GatedNet `net`, every key: the same
+    model gated at the same sites with the same policy; ModelError naming the first site that differs."""
+    expected = net.net.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    extra = [k for k in state if k not in expected]
+    if missing or extra:
+        key = (missing or extra)[0]
+        where = "missing from the checkpoint" if missing else f"not in this {net.model_name}"
+        raise ModelError(f"{source} is a gated checkpoint that does not fit this gating: key {key!r} is {where}; "
+                         "start from it with the gating.gate and gating.policy it was trained with")
+    wrong = next((k for k in expected if state[k].shape != expected[k].shape), None) if not missing else None
+    if wrong is not None:
+        raise ModelError(f"{source} does not fit {net.model_name}: key {wrong!r} has shape "
+                         f"{tuple(state[wrong].shape)} there but {tuple(expected[wrong].shape)} here; use a "
+                         "checkpoint of the same architecture")
+    net.net.load_state_dict(state, strict=False)
 
 
 def _torchvision_state(e: ModelEntry) -> dict[str, torch.Tensor]:
@@ -81,7 +104,11 @@ def _torchvision_state(e: ModelEntry) -> dict[str, torch.Tensor]:
                          "or pass weights=PATH") from exc
 
 
-def _load(net: nn.Module, state: dict, source: str, e: ModelEntry) -> None:
+def load_state(net: nn.Module, state: dict, source: str, e: ModelEntry) -> None:
+    """A dense state dict into the plain network `net` (see load_dense)."""
+    if is_gated(state):
+        raise ModelError(f"{source} is a checkpoint of a gated network; dense weights come "
+                         "from a run with gating.gate=none")
     expected = net.state_dict()
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     extra = [k for k in state if k not in expected]

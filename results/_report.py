@@ -179,7 +179,8 @@ def _format(column: str, value) -> str:
 def plot_pareto(df: pd.DataFrame, path, title: str) -> None:
     """Two panels, top-1 against MACs ratio and against achieved density: every search trial a point
     coloured by status (stopped trials hollow, labelled with their last epoch: never on a front), the
-    Pareto front of the completed trials as a step line, confirmed configs as their mean with a +-1 std
+    Pareto front of the completed trials as a step line, a density ladder's lineage as thin grey lines,
+    confirmed configs as their mean with a +-1 std
     error bar and the front over seeds dashed, the dense baseline as a dashed line."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI; Agg renders PNGs
     from matplotlib.ticker import PercentFormatter
@@ -219,6 +220,7 @@ def _panel(ax, df: pd.DataFrame, x: str, front: str, baseline) -> None:
             continue
         ax.scatter(group[x], group["top1"], s=36, color=_COLOURS[status], marker=_MARKERS.get(status, "o"),
                    alpha=0.85, label=f"{status} ({len(group)})", zorder=3)
+    _lineage(ax, points, x)
     _seed_means(ax, df, x)
     best = points[points[front]].sort_values(x)
     if len(best):
@@ -231,6 +233,18 @@ def _panel(ax, df: pd.DataFrame, x: str, front: str, baseline) -> None:
     if baseline is not None:
         ax.axhline(baseline["top1"], color="black", ls="--", lw=1, alpha=0.7,
                    label=f"dense baseline ({baseline['top1']:.2f}%)")
+
+
+def _lineage(ax, points: pd.DataFrame, x: str) -> None:
+    """A density ladder's steps: a thin line from each completed trial to the trial of the step above it started
+    from (the dense pretraining's children are left unlinked: it would link every trial to one point)."""
+    at = points.set_index("trial_id")
+    dense = set(points.loc[points["pretrain"].fillna(False).astype(bool), "trial_id"]) if "pretrain" in points else set()
+    links = [(at.loc[p], row) for _, row in points[points["status"] == "completed"].iterrows()
+             if (p := row.get("started_from")) and isinstance(p, str) and p in at.index and p not in dense]
+    for i, (parent, child) in enumerate(links):
+        ax.plot([parent[x], child[x]], [parent["top1"], child["top1"]], color="gray", lw=0.6, alpha=0.5, zorder=1,
+                label="started from (ladder step above)" if i == 0 else None)
 
 
 def _seed_means(ax, df: pd.DataFrame, x: str) -> None:

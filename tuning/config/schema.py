@@ -179,6 +179,15 @@ class PretrainCfg(_Strict):
     whole node, e.g. {cpu: 8, gpu: 2} (two GPUs: data-parallel)."""
 
 
+class LadderCfg(_Strict):
+    """The density curve walked downward: each step's trials start from the best completed trial of the step
+    above (the first step from the dense start: search.pretrain, model.weights, or scratch)."""
+    densities: list[float] = Field(min_length=1, max_length=100)
+    """Target densities, one step each, from high to low, e.g. [0.9, 0.75, 0.5, 0.35, 0.25]."""
+    trials_per_step: int = Field(4, ge=1, le=10_000)
+    """Trials per step (Optuna proposes the space's keys for each); each trains train.epochs."""
+
+
 class SearchCfg(_Strict):
     num_samples: int = Field(16, ge=1)
     """Trials to run (grid values multiply this, as in Ray Tune)."""
@@ -204,6 +213,9 @@ class SearchCfg(_Strict):
     """e.g. {epochs: 30}: train a dense network first (one Ray trial of the search, resumable, its checkpoints
     in the run folder), and start every search trial from its weights (the notebook's dense-then-gated
     workflow). Instead of model.weights; the report names it as the dense baseline."""
+    ladder: LadderCfg | None = None
+    """e.g. {densities: [0.9, 0.75, 0.5], trials_per_step: 4}: a density ladder instead of independent trials
+    (the space must not search gating.density or train.epochs; the ladder's trials replace num_samples)."""
     start_from: list[str] | None = None
     """Known-good configs (gatetune or the notebook's Mayo gating files) whose values of the searched keys
     Optuna evaluates first (points to evaluate); paths relative to the file that names them."""

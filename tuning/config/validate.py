@@ -14,6 +14,7 @@ __all__ = ["load", "load_dict", "with_params", "to_dict"]
 
 import copy
 import os
+import re
 from typing import Any
 
 import pydantic
@@ -157,6 +158,23 @@ def _check_names(cfg: Config, file_of) -> None:
         if cfg.search.scheduler.name == "asha":
             fail("search.scheduler.name", "plain asha ranks trials on top-1 alone, which a multi-objective "
                                           "search must not; use asha_by_density or fifo")
+    if cfg.search.ladder is not None:
+        ladder = cfg.search.ladder
+        d = ladder.densities
+        if any(not 0 < x <= 1 for x in d) or any(a <= b for a, b in zip(d, d[1:])):
+            fail("search.ladder.densities", f"give densities in (0, 1] from high to low, each below the one "
+                                            f"before, e.g. [0.9, 0.75, 0.5]; got {d}")
+        if cfg.search.scheduler.name == "asha":
+            fail("search.scheduler.name", "plain asha would rank trials of different ladder steps (densities) "
+                                          "against each other; use asha_by_density (one ASHA per step) or fifo")
+        if cfg.train.phases:
+            fail("train.phases", "a ladder step trains train.epochs from the step above; drop train.phases")
+        for key, spec in (cfg.space or {}).items():
+            if key.startswith(("gating.density", "train.epochs", "train.phases")) or re.fullmatch(r"gating\.sites\..+\.density", key):
+                fail(f"space.{key}", "search.ladder sets each step's density and trains train.epochs per step; drop "
+                                     "this key from the space (put the densities in search.ladder.densities)")
+            if isinstance(spec, dict) and "grid" in spec:
+                fail(f"space.{key}", "a ladder step's trials are proposed by Optuna; use choice instead of grid")
     if cfg.search.scheduler.grace_period > cfg.train.epochs:
         fail("search.scheduler.grace_period",
              f"grace period {cfg.search.scheduler.grace_period} is above train.epochs={cfg.train.epochs}; "

@@ -15,14 +15,13 @@ from ray.tune.search import Searcher
 
 from gatetune.core import trials as T
 from gatetune.core.dotted import get_dotted, trial_config
-from gatetune.tuning.search.study import StudySearch
 
 
 class ConfirmSearch(Searcher):
-    """searcher: the study searcher; seeds: each selected config's seeds in all (its own + seeds - 1 replicas);
+    """searcher: the study searcher (or the ladder that wraps it: it has base and ending too); seeds: each selected config's seeds in all (its own + seeds - 1 replicas);
     front: search.confirm.front; baseline: also confirm the best dense trial."""
 
-    def __init__(self, searcher: StudySearch, *, seeds: int, front: str, baseline: bool):
+    def __init__(self, searcher: Searcher, *, seeds: int, front: str, baseline: bool):
         super().__init__(metric=searcher.metric, mode=searcher.mode)
         self.searcher, self.seeds, self.front, self.baseline = searcher, seeds, front, baseline
         self.handed: dict[str, dict] = {}          # trial id -> params of each search trial handed out

@@ -2,6 +2,7 @@
 
     Tuner(trainable with resources (search.pretrain's own for the dense trial),
           ConfirmSearch (search.confirm: the seed replicas of the front, once the search trials have ended)
+            wrapping LadderSearch (search.ladder: densities high to low, each step from the best of the one above)
             wrapping StudySearch (the dense pretraining first; Optuna: define-by-run space, TPE or NSGA-II,
                       seeded, the study in memory and pickled with Ray's snapshot; optuna.db its export),
           ASHA on top1 with time attribute `epoch` (or FIFO, or ASHA per density bucket),
@@ -157,6 +158,9 @@ def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_act
     metric, mode = objectives(cfg)
     searcher = StudySearch(plan, metric=metric, mode=mode, sampler=sampler(cfg), study_name=cfg.name,
                            export=StudyExport(store))
+    if srch.ladder is not None:
+        from gatetune.tuning.search.ladder import LadderSearch
+        searcher = LadderSearch(searcher, densities=srch.ladder.densities, trials_per_step=srch.ladder.trials_per_step)
     if srch.confirm is not None:
         searcher = ConfirmSearch(searcher, seeds=srch.confirm.seeds, front=srch.confirm.front,
                                  baseline=plan.pretrain is None)

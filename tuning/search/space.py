@@ -23,7 +23,7 @@ the search runs (the base config with absolute paths, the params, Optuna's point
 """
 from __future__ import annotations
 
-__all__ = ["Param", "SearchPlan", "prepare", "parse_space", "define_by_run", "grid_size", "grid_points",
+__all__ = ["Param", "SearchPlan", "prepare", "parse_space", "define_by_run", "enqueued", "grid_size", "grid_points",
            "start_points"]
 
 import copy
@@ -164,7 +164,7 @@ def _suggest(trial, p: Param):
     return p.args[labels.index(trial.suggest_categorical(p.key, labels))]
 
 
-def _enqueued(point: dict, params: list[Param]) -> dict:
+def enqueued(point: dict, params: list[Param]) -> dict:
     """A known-good starting point (search.start_from) -> Optuna's enqueue format (labels)."""
     by_key = {p.key: p for p in params}
     return {k: _label(v) if by_key[k].kind == "choice" else v for k, v in point.items()
@@ -189,7 +189,10 @@ class SearchPlan:
     @property
     def trials(self) -> int:
         """Search trials: num_samples times the number of grid points (the dense pretraining and the seed
-        replicas come on top)."""
+        replicas come on top); a ladder's: trials_per_step per density."""
+        ladder = self.cfg.search.ladder
+        if ladder is not None:
+            return ladder.trials_per_step * len(ladder.densities)
         return self.cfg.search.num_samples * grid_size(self.params)
 
     @property
@@ -216,7 +219,9 @@ class SearchPlan:
     @property
     def density_buckets(self) -> list[float]:
         """The `choice`/`grid` values of gating.density, or the centres of density_bins equal bins of its
-        range; the configured density when it is not searched."""
+        range; the configured density when it is not searched; a ladder's densities."""
+        if self.cfg.search.ladder is not None:
+            return list(self.cfg.search.ladder.densities)
         p = next((p for p in self.params if p.key == "gating.density"), None)
         if p is None:
             return [self.cfg.gating.density]
@@ -310,7 +315,7 @@ def start_points(base: dict, params: list[Param], file: str | None = None,
         if ignored and notices is not None:
             notices.append(f"notice: start_from {os.path.relpath(f)} also sets {', '.join(ignored[:4])}, which the "
                            "space does not search: the search config's values are used")
-        points.append(_enqueued(point, params))
+        points.append(enqueued(point, params))
     return points
 
 
