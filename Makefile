@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/vs_optuna.py
+	$(BIN)/python bench/ladder.py
 
 # The same on a CUDA machine (AMP and channels-last where a bench has them), plus resnet20's training
 # throughput alone and with four trials sharing one GPU, and the CIFAR-10 recipes (search_spaces/cifar10_*.yaml)
@@ -60,6 +61,7 @@ bench-gpu: $(STAMP)
 	$(BIN)/python bench/inference.py --device cuda
 	$(BIN)/python bench/scale.py --device cuda
 	$(BIN)/python bench/vs_optuna.py --device cuda
+	$(BIN)/python bench/ladder.py --device cuda
 	$(BIN)/python bench/gpu_throughput.py --device cuda --amp
 	$(BIN)/python bench/cifar_recipes.py --device cuda
 

@@ -55,6 +55,13 @@ def test_vs_optuna_quick():
 
 
 @pytest.mark.slow
+def test_ladder_quick():
+    r = run_bench("ladder", "--quick", timeout=600)
+    assert r["goal"] == 0.5 and r["workload"] == "digits" and r["ratio"] >= 0
+    assert int(r["ladder_epochs"]) <= 2 and int(r["independent_epochs"]) <= 4   # 2 x 1 epoch, 2 x 2 epochs
+
+
+@pytest.mark.slow
 def test_gpu_throughput_cpu_quick():
     r = run_bench("gpu_throughput", "--device", "cpu", "--quick", timeout=400)
     assert r["goal"] == 2 and r["device"] == "cpu" and r["ratio"] > 0
@@ -85,7 +92,7 @@ def test_benchlib_final_line_is_the_parsed_format(capsys):
         benchlib.final_line("demo", "1.0", 2, False, where="two words")
 
 
-@pytest.mark.parametrize("name", ["gpu_throughput", "cifar_recipes", "overhead", "data_pipeline", "vs_optuna"])
+@pytest.mark.parametrize("name", ["gpu_throughput", "cifar_recipes", "overhead", "data_pipeline", "vs_optuna", "ladder"])
 def test_cuda_without_a_gpu_is_one_line(name):
     import torch
     if torch.cuda.is_available():
