@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/asha_vs_fifo.py
 	$(BIN)/python bench/gate_overhead.py
 	$(BIN)/python bench/data_pipeline.py
+	$(BIN)/python bench/folder_pipeline.py
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/vs_optuna.py
@@ -58,6 +59,7 @@ bench-gpu: $(STAMP)
 	$(BIN)/python bench/asha_vs_fifo.py --device cuda
 	$(BIN)/python bench/gate_overhead.py --device cuda --amp
 	$(BIN)/python bench/data_pipeline.py --device cuda
+	$(BIN)/python bench/folder_pipeline.py --device cuda
 	$(BIN)/python bench/inference.py --device cuda
 	$(BIN)/python bench/scale.py --device cuda
 	$(BIN)/python bench/vs_optuna.py --device cuda
