@@ -12,8 +12,10 @@ Both run the quickstart search (search_spaces/quickstart.yaml: digitnet on digit
             reports top-1 to the trial and raises TrialPruned when should_prune(). Each process loads
             the data once and trains with 1 torch thread, as a gatetune trial granted 1 CPU does.
   gatetune  `gatetune search search_spaces/quickstart.yaml` as a subprocess, all in: Python start,
-            Ray start (with its dashboard, as the CLI starts it), the search, the Pareto trials'
-            latency_ratio, the report, Ray's shutdown.
+            Ray start (with its dashboard, as the CLI starts it: in a thread, while the search stack
+            imports), the search (each trial that trains its full budget measures its latency_ratio with
+            its last epoch), the report (after the latency of any front trial that lacks one), Ray's
+            shutdown.
 
 Wall time is the subprocess(es) from launch to exit. Rounds run interleaved (optuna, gatetune, then
 gatetune, optuna, ...) so a slow drift of the shared machine's load hits both sides alike.
@@ -22,21 +24,27 @@ over rounds) within 0.5 pt of Optuna's. Trial-epochs = epochs trained over all t
 stopped trial counts the epochs it reached).
 
 Where the time goes, per side, from the subprocesses' own output and files:
-  start    launch -> the first trial starts training (gatetune: imports, config, Ray start, checks, the
-           banner line, Tuner setup, the first worker process; optuna: imports, data, study)
+  start    launch -> the first trial starts training (gatetune: config, Ray's start beside the imports,
+           checks, the banner line, Tuner setup, the first worker process; optuna: imports, data, study)
   trials   first trial starts -> last result; `busy` = the trials' own time (gatetune: Ray's
-           time_total_s, which includes per-epoch checkpoint + report; optuna: fit + suggest), `idle`
-           = 2 slots x trials span - busy, per trial: what the scheduler adds between trials
-  end      last result -> exit (gatetune: Tuner teardown, pareto_latency, report, printing, Ray shutdown)
+           time_total_s, which includes per-epoch checkpoint + report and a completed trial's latency;
+           optuna: fit + suggest), `idle` = 2 slots x trials span - busy, per trial: what the scheduler
+           adds between trials
+  end      last result -> exit (gatetune: Tuner teardown, pareto_latency of front trials without a
+           latency_ratio (normally none), report, printing, Ray shutdown)
   cpu      CPU seconds of every process of the side (sampled from /proc once a second), by role:
            on 2 cores, CPU that Ray's own processes use is CPU the trials wait for
-Then, outside the timed runs: Ray's start alone (a separate process: ray.init as the CLI calls it,
-with and without the dashboard), and the end-of-search steps re-run on the last run folder
-(tuning.evaluate.pareto_latency and results.write_report).
+Then, outside the timed runs, each in a fresh process: Ray's start alone (ray.init as the CLI calls it,
+with and without the dashboard, after the search stack's imports) and as `gatetune search` starts it
+(search.cluster.start_local, then those imports, then connect: both done), Ray's shutdown
+(search.cluster.shutdown); and the end-of-search steps re-run on the last run folder
+(tuning.evaluate.pareto_latency, with how many front trials their own trials measured, and
+results.write_report).
 
-    python bench/vs_optuna.py                 # 2 rounds (~8 min on 2 cores)
+    python bench/vs_optuna.py                 # 2 rounds (~5 min on 2 cores)
     python bench/vs_optuna.py --rounds 3
     python bench/vs_optuna.py --quick         # smoke run: 4 trials x 2 epochs, 1 round (tests/test_bench.py)
+    python bench/vs_optuna.py --quick --rounds 3   # the 3-round bookkeeping, on the smoke run
     python bench/vs_optuna.py --device cuda   # both sides train on the GPU (gatetune: 0.5 GPU per trial)
 """
 from __future__ import annotations
@@ -65,22 +73,32 @@ QUICK = ["train.epochs=2", "search.num_samples=4"]
 WORKERS = 2        # Optuna processes: the quickstart runs 2 trials at a time (max_concurrent: 2)
 RESULT = re.compile(r"^(\w+)(?: \(seed .*\))? epoch:\s*([\d.]+)/\d+ \|")
 
-# Ray's start as `gatetune search` does it (tuning/search/cluster.py connect: include_dashboard=None starts the
-# dashboard when its packages are installed), in a fresh process, after the imports the CLI makes first.
+# Ray's start in a fresh process. on/off: ray.init as tuning/search/cluster.py calls it (include_dashboard=None
+# starts the dashboard when its packages are installed; no idle workers prestarted) after the search stack's
+# imports; beside: as `gatetune search` does it, cluster.start_local, the imports, then cluster.connect.
 PROBE = r"""
-import json, sys, time
-t = time.perf_counter()
+import json, os, sys, time
+t0 = time.perf_counter()
 import ray
-from gatetune.tuning.search import run as search  # noqa: F401
-imports = time.perf_counter() - t
+from gatetune.tuning.search import cluster
+if sys.argv[1] == "beside":
+    cluster.start_local("127.0.0.1", {})
+    from gatetune.tuning.search import run as search  # noqa: F401
+    imports = time.perf_counter() - t0
+    url = cluster.connect(None)
+    init = time.perf_counter() - t0
+else:
+    from gatetune.tuning.search import run as search  # noqa: F401
+    imports = time.perf_counter() - t0
+    os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+    t = time.perf_counter()
+    url = getattr(ray.init(address="local", include_dashboard=None if sys.argv[1] == "on" else False,
+                           dashboard_host="127.0.0.1", log_to_driver=False), "dashboard_url", None)
+    init = time.perf_counter() - t
 t = time.perf_counter()
-ctx = ray.init(address="local", include_dashboard=None if sys.argv[1] == "on" else False,
-               dashboard_host="127.0.0.1", log_to_driver=False)
-init = time.perf_counter() - t
-t = time.perf_counter()
-ray.shutdown()
+cluster.shutdown()
 print(json.dumps({"imports": imports, "init": init, "shutdown": time.perf_counter() - t,
-                  "dashboard": bool(getattr(ctx, "dashboard_url", None))}))
+                  "dashboard": bool(url) and url != "off"}))
 """
 
 
@@ -289,15 +307,20 @@ def run_gatetune(tmp: Path, tag: str, overrides: list[str]) -> dict:
 
 
 def end_steps(run_dir: Path) -> dict:
-    """The end-of-search steps, re-run on a finished run folder in this process (Ray not running)."""
+    """The end-of-search steps, re-run on a finished run folder in this process (Ray not running); `front`:
+    the front trials, `in_trial`: those whose latency_ratio their trial reported."""
     from gatetune import results
     from gatetune.tuning.train.evaluate import pareto_latency
+    df = results.table(str(run_dir))
+    front = df[df["pareto"] | df["pareto_density"] | df["pareto_seeds"]]
+    in_trial = int(front["latency_ratio"].notna().sum()) if "latency_ratio" in front else 0
     t = time.perf_counter()
     n = pareto_latency(str(run_dir))
     lat = time.perf_counter() - t
     t = time.perf_counter()
     results.write_report(str(run_dir))
-    return {"latency": lat, "measured": n, "report": time.perf_counter() - t}
+    return {"latency": lat, "measured": n, "front": len(front), "in_trial": in_trial,
+            "report": time.perf_counter() - t}
 
 
 def ray_probe(mode: str) -> dict:
@@ -311,8 +334,8 @@ def ray_probe(mode: str) -> dict:
 def _line(name: str, r: dict, slots: int) -> str:
     idle = slots * r["span"] - r["busy"]
     cpu = " ".join(f"{k} {v:.0f}" for k, v in sorted(r["cpu"].items(), key=lambda kv: -kv[1]))
-    extra = (f" [banner (imports, config, Ray start, checks) at {r['banner']:.1f} s]" if "banner" in r else "")
-    end = (f" (teardown + latency + report {r['finish']:.1f} s, then printing + Ray shutdown "
+    extra = (f" [banner (config, Ray start beside the imports, checks) at {r['banner']:.1f} s]" if "banner" in r else "")
+    end = (f" (teardown + latency left + report {r['finish']:.1f} s, then printing + Ray shutdown "
            f"{r['end'] - r['finish']:.1f} s)" if "finish" in r else "")
     return (f"  {name:<8} {r['wall']:6.1f} s wall | {r['trials']} trials, {r['completed']} completed, "
             f"{r['epochs']} trial-epochs, best top-1 {r['best']:.2f}\n"
@@ -324,9 +347,10 @@ def _line(name: str, r: dict, slots: int) -> str:
 
 
 def main() -> None:
-    ap = benchlib.parser("vs_optuna", __doc__, quick="smoke run: 4 trials x 2 epochs, 1 round",
+    ap = benchlib.parser("vs_optuna", __doc__, quick="smoke run: 4 trials x 2 epochs, 1 round unless --rounds",
                          device_help="cuda: both sides train on the GPU, the two concurrent trials sharing it")
-    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds (each runs both sides once)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="interleaved rounds (each runs both sides once); default 2, 1 with --quick")
     ap.add_argument("--optuna-worker", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--storage", help=argparse.SUPPRESS)
     ap.add_argument("--n-trials", type=int, help=argparse.SUPPRESS)
@@ -338,7 +362,7 @@ def main() -> None:
         return optuna_worker(a)
     overrides = (QUICK if a.quick else []) + \
         (["train.device=cuda", f"search.resources.gpu={1 / WORKERS:g}"] if a.device == "cuda" else [])
-    rounds = 1 if a.quick else a.rounds
+    rounds = a.rounds or (1 if a.quick else 2)
     from gatetune.tuning import config as C
     cfg = C.load(str(SEARCH), overrides)
     n = cfg.search.num_samples
@@ -358,21 +382,24 @@ def main() -> None:
                 print(f"round {i + 1} {side:<8} {r['wall']:6.1f} s, {r['epochs']} trial-epochs, best top-1 "
                       f"{r['best']:.2f} (load average {r['load'][0]:.1f} before, {r['load'][1]:.1f} after)", flush=True)
         steps = end_steps(runs["gatetune"][-1]["run_dir"])
-        probes = [ray_probe(m) for m in ("on", "off") * (1 if a.quick else 2)]
+        probes = [ray_probe(m) for m in ("on", "off", "beside") * (1 if a.quick else 2)]
 
     print("where the time goes (per round):")
     for i in range(rounds):
         for side in ("optuna", "gatetune"):
             print(_line(side, runs[side][i], WORKERS))
-    on, off = [p for p in probes if p["mode"] == "on"], [p for p in probes if p["mode"] == "off"]
+    on, off, beside = ([p for p in probes if p["mode"] == m] for m in ("on", "off", "beside"))
     ray_on, ray_off = statistics.median(p["init"] for p in on), statistics.median(p["init"] for p in off)
     down_on, down_off = statistics.median(p["shutdown"] for p in on), statistics.median(p["shutdown"] for p in off)
-    imports = statistics.median(p["imports"] for p in probes)
+    imports = statistics.median(p["imports"] for p in on + off)
+    both = statistics.median(p["init"] for p in beside)
     print(f"ray start alone (fresh process, median of {len(on)}): imports of `gatetune search` {imports:.1f} s; "
           f"ray.init {ray_on:.1f} s with the dashboard ({'started' if on[0]['dashboard'] else 'not installed'}), "
-          f"{ray_off:.1f} s without; ray.shutdown {down_on:.1f} s / {down_off:.1f} s")
+          f"{ray_off:.1f} s without; shutdown {down_on:.1f} s / {down_off:.1f} s; Ray's start beside the imports "
+          f"(as `gatetune search` starts) {both:.1f} s for both, against {imports + ray_on:.1f} one after the other")
     print(f"end-of-search steps re-run on round {rounds}'s folder: pareto_latency {steps['latency']:.1f} s "
-          f"({steps['measured']} Pareto trial(s)), write_report {steps['report']:.1f} s")
+          f"({steps['measured']} measured; {steps['in_trial']} of {steps['front']} front trial(s) measured by "
+          f"their own trial), write_report {steps['report']:.1f} s")
 
     mean = lambda side, k: statistics.mean(r[k] for r in runs[side])   # noqa: E731
     g, o = sum(r["wall"] for r in runs["gatetune"]), sum(r["wall"] for r in runs["optuna"])
@@ -404,7 +431,9 @@ def main() -> None:
         end_s_gatetune=f"{mean('gatetune', 'end'):.1f}", end_s_optuna=f"{mean('optuna', 'end'):.1f}",
         epoch_s_gatetune=f"{epoch_g:.2f}", epoch_s_optuna=f"{epoch_o:.2f}", idle_s_per_trial_gatetune=f"{idle_g:.2f}",
         idle_s_per_trial_optuna=f"{idle_o:.2f}", ray_start_s=f"{ray_on:.1f}", ray_start_nodash_s=f"{ray_off:.1f}",
-        latency_step_s=f"{steps['latency']:.1f}", report_s=f"{steps['report']:.1f}", ray_cpu_s=f"{ray_cpu:.0f}",
+        start_beside_imports_s=f"{both:.1f}", shutdown_s=f"{down_on:.1f}",
+        latency_step_s=f"{steps['latency']:.1f}", front_latency_in_trial=f"{steps['in_trial']}/{steps['front']}",
+        report_s=f"{steps['report']:.1f}", ray_cpu_s=f"{ray_cpu:.0f}",
         load_max=f"{max(max(r['load']) for side in runs.values() for r in side):.1f}", trials=n, rounds=rounds,
         device="cuda" if a.device == "cuda" else None)
 

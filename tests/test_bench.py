@@ -29,6 +29,12 @@ def test_data_pipeline_quick():
     assert float(r["gatetune_s"]) > 0 and float(r["dataloader_w0_s"]) > 0
 
 
+def test_folder_pipeline_quick():
+    r = run_bench("folder_pipeline", "--quick", timeout=180)
+    assert r["goal"] == 2 and r["ratio"] > 0 and r["n"] == "160" and float(r["ratio_w1"]) == r["ratio"]
+    assert float(r["gatetune_w1_img_s_per_worker"]) > 0 and float(r["torchvision_w1_img_s_per_worker"]) > 0
+
+
 @pytest.mark.slow
 def test_overhead_quick():
     r = run_bench("overhead", "--quick", timeout=300)
@@ -52,6 +58,9 @@ def test_vs_optuna_quick():
     assert r["goal"] == 1.1 and r["trials"] == "4" and r["rounds"] == "1"
     assert r["ratio"] > 0 and float(r["ray_start_s"]) > 0 and float(r["best_top1_optuna"]) > 0
     assert r["epochs_gatetune"].isdigit() and r["epochs_optuna"].isdigit()
+    assert float(r["start_beside_imports_s"]) > 0 and float(r["shutdown_s"]) > 0
+    done, front = map(int, r["front_latency_in_trial"].split("/"))
+    assert 1 <= front and done == front   # every front trial measured its own latency_ratio in its trial
 
 
 @pytest.mark.slow
@@ -92,7 +101,8 @@ def test_benchlib_final_line_is_the_parsed_format(capsys):
         benchlib.final_line("demo", "1.0", 2, False, where="two words")
 
 
-@pytest.mark.parametrize("name", ["gpu_throughput", "cifar_recipes", "overhead", "data_pipeline", "vs_optuna", "ladder"])
+@pytest.mark.parametrize("name", ["gpu_throughput", "cifar_recipes", "overhead", "data_pipeline", "vs_optuna", "ladder",
+                                  "folder_pipeline"])
 def test_cuda_without_a_gpu_is_one_line(name):
     import torch
     if torch.cuda.is_available():

@@ -226,3 +226,30 @@ def test_pareto_latency_writes_latency_json_that_the_report_reads(tmp_path):
     df = results.table(run).set_index("trial_id")
     assert df.loc["aaaa0001", "latency_ratio"] == pytest.approx(record["latency_ratio"])
     assert df.loc["aaaa0001", "pareto"] and df["latency_ratio"].isna().sum() == 1
+
+
+def test_pareto_latency_leaves_a_trial_that_reported_its_latency_to_the_report(tmp_path):
+    """A search trial that trained its full budget reports latency_ratio with its last epoch
+    (tuning/search/trainable.py): pareto_latency measures nothing more, and the report keeps the reported value."""
+    from gatetune import results
+    from gatetune.tuning import config as C
+    from gatetune.tuning.train.evaluate import pareto_latency
+    run = tmp_path / "search"
+    cfg = _checkpoint(run / "trial_aaaa0001" / "checkpoint_000000" / "state.pt")
+    (run / "gatetune.yaml").write_text(yaml.safe_dump(C.to_dict(cfg), sort_keys=False))
+    (run / "trial_aaaa0001" / "params.json").write_text("{}")
+    (run / "trial_aaaa0001" / "result.json").write_text(json.dumps(
+        {"trial_id": "aaaa0001", "epoch": 1.0, "training_iteration": 1, "top1": 90.0, "top5": 99.0,
+         "density": 0.5, "macs_ratio": 0.3, "latency_ratio": 0.42, "done": True}) + "\n")
+    assert pareto_latency(run, images=2, rounds=1) == 0
+    assert not (run / "trial_aaaa0001" / "latency.json").exists()
+    assert results.table(run).set_index("trial_id").loc["aaaa0001", "latency_ratio"] == pytest.approx(0.42)
+
+
+def test_state_latency_of_a_training_state_matches_its_checkpoints(tmp_path):
+    """state_latency (a trial's last epoch, in the trial) measures the net the checkpoint of that state holds."""
+    from gatetune.tuning.train.evaluate import open_checkpoint, state_latency
+    _checkpoint(tmp_path / "gated.pt")
+    cfg, net, data = open_checkpoint(tmp_path / "gated.pt")
+    m = state_latency(cfg, torch.load(tmp_path / "gated.pt", weights_only=False), data, images=2, rounds=1)
+    assert m["latency_ratio"] > 0 and m["latency_ms"] > 0 and m["dense_latency_ms"] > 0

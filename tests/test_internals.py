@@ -2,6 +2,7 @@
 with; when an upgrade changes one of them, its test fails with a message naming it and where it is used."""
 import inspect
 import json
+import os
 
 import pytest
 
@@ -81,6 +82,40 @@ def test_actor_name_log_prefix():
     from ray._private import ray_constants
     assert ray_constants.LOG_PREFIX_ACTOR_NAME == ":actor_name:", (
         "Ray's actor-name log prefix changed: update tuning/search/trainable.py (TrialLabel)")
+
+
+_LOCAL_RAY = r"""
+import json, subprocess, time
+from ray._private import ray_constants, worker
+from gatetune.tuning.search import cluster
+cluster.start_local("127.0.0.1", {})
+url = cluster.connect(None)
+time.sleep(2)
+node = worker._global_node
+raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+children = subprocess.run(["ps", "-o", "args=", "--ppid", str(raylet)], capture_output=True, text=True).stdout
+monitor = node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process
+cluster.shutdown()
+print(json.dumps({"url": url, "idle_workers": children.count("default_worker.py") + children.count("ray::IDLE"),
+                  "monitor_killed": monitor.poll() is not None}))
+"""
+
+
+def test_local_ray_processes_cluster_py_reaches():
+    """tuning/search/cluster.py, for a Ray it starts (start_local, in a thread): RAY_prestart_worker_first_driver=0
+    (a switch the raylet reads: no idle worker, which no Tune trial could use, starts as the driver connects);
+    shutdown() kills the autoscaler's monitor through ray._private.worker._global_node.all_processes["monitor"]
+    (Popen handles) before ray.shutdown(), which would otherwise wait 1 s on it."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _LOCAL_RAY], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "SIGTERM handler is not set" not in r.stderr   # start_local's filter
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["url"].startswith("http://"), out
+    assert out["idle_workers"] == 0, "RAY_prestart_worker_first_driver is no longer read: update tuning/search/cluster.py"
+    assert out["monitor_killed"], "Ray's process table changed: update tuning/search/cluster.py (shutdown)"
 
 
 def test_snapshot_file_names():

@@ -3,8 +3,10 @@ import contextlib
 import io
 import os
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 import torch
 
@@ -90,6 +92,16 @@ def test_tiny_search_learns_and_its_best_trial_meets_its_density(tiny):
     assert df["top1"].max() > 30          # 3 epochs of a tiny search: well above chance (10%)
     best = df.sort_values("top1").iloc[-1]
     assert abs(best["density"] - best["target_density"]) <= 0.02 or best["gated_layers"] != "all"
+
+
+def test_tiny_completed_trials_report_their_own_latency_ratio(tiny):
+    """A trial that trains its full budget measures latency_ratio on its last epoch in its worker and reports it:
+    the report has it for every completed trial, and pareto_latency had nothing left to write after the search."""
+    df = pd.concat([tiny.trials, tiny.replicas])
+    done = df["status"] == "completed"
+    assert done.any() and (df.loc[done, "latency_ratio"] > 0).all()
+    assert df.loc[~done, "latency_ratio"].isna().all()
+    assert not list(Path(tiny.run_dir).glob("trial_*/latency.json"))
 
 
 def test_tiny_report_has_the_searched_columns_checkpoints_and_pareto_plot(tiny):

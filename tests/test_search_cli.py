@@ -96,6 +96,19 @@ def test_search_errors_one_line_exit_2(tmp_path, capsys, args, words):
     assert not any(tmp_path.iterdir())            # nothing created
 
 
+@pytest.mark.parametrize("name, storage, overrides", [
+    (None, None, []), ("n2", "/tmp/elsewhere", ["search.confirm={seeds: 2, front: top 1}"]),
+    (None, "s3://bucket/runs/", []), ("n3", "~/runs", ["search.num_samples=3"])])
+def test_the_early_ray_start_carries_the_searchs_job_metadata(name, storage, overrides):
+    """`gatetune search` starts Ray (cluster.start_local) before it imports the search stack, with the job
+    metadata of cluster.search_metadata: the same as run_search's job gets (run.job_metadata)."""
+    from gatetune.tuning import config as C
+    from gatetune.tuning.search import cluster
+    from gatetune.tuning.search.run import job_metadata
+    cfg = C.load(QUICK, overrides)
+    assert cluster.search_metadata(cfg, name=name, storage=storage) == job_metadata(cfg, name=name, storage=storage)
+
+
 def test_example_cluster_file_passes_ray_schema():
     """deploy/onprem.yaml is what `ray up` reads: Ray's own validator accepts it."""
     import yaml

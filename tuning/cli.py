@@ -117,13 +117,18 @@ def _layers(a) -> None:
 
 def _search(a) -> None:
     from gatetune.tuning import config as C
-    from gatetune.tuning.search.run import job_metadata, run_search
     if a.job_metadata:
         import json
+
+        from gatetune.tuning.search.run import job_metadata
         cfg = C.load(a.config, a.overrides, environment=False)
         print(json.dumps(job_metadata(cfg, name=a.name, storage=a.storage, file=a.config)))
         return
     cfg = C.load(a.config, a.overrides)
+    if a.address is None:   # Ray's start (a thread) overlaps the search stack's imports below
+        from gatetune.tuning.search import cluster
+        cluster.start_for_search(cfg, name=a.name, storage=a.storage, dashboard_host=a.dashboard_host)
+    from gatetune.tuning.search.run import run_search
     run_dir, ok = run_search(cfg, address=a.address, name=a.name, storage=a.storage,
                              dashboard_host=a.dashboard_host, verbose=a.verbose)
     if not ok:
@@ -144,6 +149,15 @@ def _report(a) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _command(argv)
+    finally:
+        cluster = sys.modules.get("gatetune.tuning.search.cluster")
+        if cluster is not None:   # a local Ray `gatetune search` began starting (a thread) before it failed
+            cluster.drop_start()
+
+
+def _command(argv: list[str] | None) -> int:
     a = _parser().parse_args(argv)
     try:
         {"train": _train, "eval": _eval, "layers": _layers, "search": _search,
@@ -158,14 +172,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The `gatetune` command: main(), Ray's shutdown, then an exit that skips the interpreter's teardown of
-    torch's and Ray's modules (about 2 s after every search, with nothing left to write: the run folder's
-    files are closed, SQLite commits each write)."""
+    """The `gatetune` command: the command, Ray's shutdown (search.cluster.shutdown: the autoscaler's monitor
+    first, 1 s sooner), then an exit that skips the interpreter's teardown of torch's and Ray's modules (about
+    2 s after every search, with nothing left to write: the run folder's files are closed, SQLite commits
+    each write). A local Ray still starting when the command failed is not waited for: its processes die
+    with this one (they are fate-shared with it)."""
     import logging
-    rc = main()
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    rc = _command(None)
+    if "ray" in sys.modules:
+        from gatetune.tuning.search.cluster import shutdown
+        shutdown()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -47,7 +47,8 @@ def _jpeg_decoder():
     return lambda data: decode_jpeg(data, mode=ImageReadMode.RGB)
 
 
-_DECODE_JPEG = _jpeg_decoder()
+_UNSET = object()
+_DECODE_JPEG = _UNSET   # imported at the first JPEG (torchvision's import is 1.5 s that a driver need not pay)
 
 
 def dct_scale(box_h: int, box_w: int, out_h: int, out_w: int) -> int:
@@ -78,6 +79,9 @@ def read_box(path: str, plan: Plan) -> Tensor:
                                                   box=(left / s, top / s, (left + w) / s, (top + h) / s))
                 return _tensor(small)
         pixels = None
+        global _DECODE_JPEG
+        if _DECODE_JPEG is _UNSET:
+            _DECODE_JPEG = _jpeg_decoder()
         if img.format == "JPEG" and img.mode in ("RGB", "L") and _DECODE_JPEG is not None:
             try:
                 pixels = _DECODE_JPEG(torch.frombuffer(data, dtype=torch.uint8))   # (3, H, W), HWC in memory

@@ -244,10 +244,14 @@ def run_search(cfg: C.Config, *, address: str | None = None, name: str | None = 
     if store.exists(layout.CONFIG):
         raise UserError(f"already holds a search; continue it with `gatetune resume {run_dir}` "
                         "or pass --name NEW", file=run_dir)
-    store.check_writable()   # a read-only folder or a bucket we cannot write to: before Ray starts
+    store.check_writable()   # a read-only folder or a bucket we cannot write to: before Ray starts (or is used)
     cluster.quiet(verbose)
+    # While a Ray started by `gatetune search` (cluster.start_local) comes up: the imports of the study's SQLite
+    # export (at the first snapshot, while both cores train) and of the report's plot (after the search).
     dashboard = cluster.connect(address, dashboard_host, cluster.job_metadata(
-        cfg.name, run_dir, file or _file(cfg), plan.trials, cfg.search.confirm))
+        cfg.name, run_dir, file or _file(cfg), plan.trials, cfg.search.confirm),
+        meanwhile=("optuna.storages._rdb.models", "alembic.command", "matplotlib.figure",
+                   "matplotlib.backends.backend_agg"))
     for r, key in zip(_resources(cfg), ("search.resources", "search.pretrain.resources")):
         cluster.check_resources(r["cpu"], r["gpu"], key)
     if not store.remote:

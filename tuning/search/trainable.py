@@ -1,7 +1,10 @@
 """The Ray Tune trainable: one trial = the training loop of `tuning/train/loop.py` on one sampled config.
 
 Each epoch reports the metrics (train.METRICS) with a checkpoint (`tune.report(metrics,
-checkpoint=...)`). A trial restarted after its node or worker died gets its latest checkpoint from
+checkpoint=...)`); the last epoch of a trial that trains its full budget also reports its latency_ratio
+(latency_ms, dense_latency_ms), measured here (train.evaluate.state_latency: the weights, the cached dataset
+and the inference modules are at hand in the worker; after the search, pareto_latency measures only the
+front's trials that lack one). A trial restarted after its node or worker died gets its latest checkpoint from
 `tune.get_checkpoint()` and continues after that epoch. Imports come from `ray.tune` only (ray.train's
 report is Train V2 and fails inside Tune). A trial granted N >= 2 GPUs trains data-parallel on them
 (distributed.fit_any decides).
@@ -96,7 +99,7 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
     except UserError as e:
         print(f"[{trial_id}] error: {e}", file=sys.stderr, flush=True)
         raise
-    cpus = context.get_trial_resources().required_resources.get("CPU", 1)
+    cpus, gpus = context.get_trial_resources().required_resources.get("CPU", 1), len(ray.get_gpu_ids())
     print(f"[{trial_id}] start: {label(trial_id, config)} on {os.uname().nodename}", file=sys.stderr, flush=True)
     resume = None
     if (checkpoint := tune.get_checkpoint()) is not None:
@@ -105,6 +108,8 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
     gauges = live.TrialGauges(context.get_experiment_name(), trial_id)
 
     def report(metrics: dict, state: dict | None) -> None:
+        if state is not None and metrics["epoch"] >= cfg.train.epochs and not T.is_pretrain(config):
+            metrics = {**metrics, **_latency(trial_id, cfg, state, gpus)}
         print(progress_line(trial_id, metrics, cfg.train.epochs), file=sys.stderr, flush=True)
         gauges.set(metrics)
         if state is None:   # diverged: report without a checkpoint; the trial then ends
@@ -122,7 +127,7 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
             raise CheckpointWriteError(line) from None
 
     try:
-        fit_any(cfg, report, resume=resume, gpus=len(ray.get_gpu_ids()), threads=max(1, int(cpus)), cached=True)
+        fit_any(cfg, report, resume=resume, gpus=gpus, threads=max(1, int(cpus)), cached=True)
     except CheckpointWriteError:
         raise   # its one line is in the worker log already
     except UserError as e:   # e.g. this node lacks the data: one line, as the command line would print it
@@ -134,6 +139,28 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
         raise
     finally:
         gauges.stop()
+
+
+def _latency(trial_id: str, cfg: C.Config, state: dict, gpus: int) -> dict:
+    """latency_ratio, latency_ms, dense_latency_ms of the trial's last epoch for its last report, on the dataset
+    fit_any cached in this process; {} when nothing is gated, when the trial trains data-parallel (its data
+    lives in the ranks) or when the measurement fails (one line in the worker log): pareto_latency then
+    measures it after the search, if the trial is on a front."""
+    from gatetune.tuning.data import load_cached
+    from gatetune.tuning.train.distributed import world
+    from gatetune.tuning.train.evaluate import state_latency
+    from gatetune.tuning.train.loop import pick_device
+    try:
+        if world(cfg, gpus)[0] > 1:
+            return {}
+        m = state_latency(cfg, state, load_cached(cfg.data, pick_device(cfg, gpu_granted=gpus > 0), seed=cfg.seed))
+    except Exception as e:   # noqa: BLE001  (the trial must not fail for want of a latency)
+        print(f"[{trial_id}] latency_ratio not measured in the trial ({type(e).__name__}: {first_line(e, 160)})",
+              file=sys.stderr, flush=True)
+        return {}
+    if m["latency_ratio"] is None:
+        return {}
+    return {k: m[k] for k in ("latency_ratio", "latency_ms", "dense_latency_ms")}
 
 
 trial.__mixins__ = (TrialLabel,)
