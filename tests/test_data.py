@@ -101,13 +101,7 @@ def spec_for(tmp_path, monkeypatch):
     return make
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches here are tiny: on a busy 2-core CI box, 2 intra-op threads made them 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest's: batches here are tiny
 
 
 def epoch(loader, bs=None, **kw):

@@ -77,13 +77,8 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GATETUNE_CACHE_DIR", str(tmp_path / "cache"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Per-picture ops are small: on a busy 2-core box, 2 intra-op threads wait on each other for milliseconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# per-picture ops are small: on a busy 2-core box, 2 intra-op threads wait on each other for milliseconds
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_crop_boxes_are_random_resized_crops_draws():
