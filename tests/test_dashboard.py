@@ -49,6 +49,14 @@ def _probe():
         def __init__(self):
             self.last, self.reprs, self.names, self.gauge_matches = {}, set(), set(), {}
             self.prometheus, self.answered = None, {}
+            self.fractional, self._scraped = set(), 0.0   # in-epoch values of ray_gatetune_epoch
+
+        def on_step_begin(self, iteration, trials, **info):
+            if time.monotonic() - self._scraped < 0.3:
+                return
+            self._scraped = time.monotonic()
+            self.fractional |= {v for (name, _), v in _scrape().items()
+                                if name == "ray_gatetune_epoch" and v != int(v)}
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             import ray
@@ -85,6 +93,7 @@ def test_dashboard_shows_trials_logs_metrics_and_the_job(tmp_path, monkeypatch, 
 
     from gatetune.tuning.search.run import run_search
     monkeypatch.setenv("RAY_metrics_report_interval_ms", "1000")   # export every second (Ray: 10 s)
+    monkeypatch.setenv("GATETUNE_PROGRESS_S", "0.2")               # in-epoch progress every 0.2 s (default 2)
     if ray.is_initialized():
         ray.shutdown()
     cfg = C.load(QUICK, ["train.epochs=3", "train.keep_checkpoints=1", "search.num_samples=4",
@@ -106,8 +115,11 @@ def test_dashboard_shows_trials_logs_metrics_and_the_job(tmp_path, monkeypatch, 
                        for aid in named)
         for t in trials:
             assert f"{t} epoch:  3.00/3 | gate.loss:" in logs, (t, logs[-2000:])
+        # ... and between them, every few seconds, the trial's progress inside an epoch
+        assert re.search(r"\[[0-9a-f]{8}\] epoch:  \d\.\d\d/3 \| \d+ img/s \| epoch ends in \d+ s", logs), logs[-2000:]
         # (c) the node's Prometheus endpoint: every trial's gauges held its last result
         assert set(probe.gauge_matches) == trials, (sorted(probe.gauge_matches), sorted(trials))
+        assert probe.fractional, "ray_gatetune_epoch never showed a fraction of an epoch"
         for t, got in probe.gauge_matches.items():
             for m in ("epoch", "density", "macs_ratio"):
                 assert got[(f"ray_gatetune_{m}", t)] == pytest.approx(probe.last[t][m])

@@ -103,12 +103,16 @@ def _fingerprints(train, epoch: int, bs: int) -> list[tuple]:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_train_digits(tmp_path):
+def test_two_gloo_processes_train_digits(tmp_path, monkeypatch):
     """2 epochs of gated digitnet on 2 CPU processes (gloo), batch 32 per process; then resume epoch 2
     from the epoch-1 checkpoint through `gatetune train`'s path and get the same weights."""
+    monkeypatch.setenv("GATETUNE_PROGRESS_S", "0.05")   # the ranks inherit it
     cfg = C.load(DIGITS, ["train.epochs=2", "train.batch_size=32", "train.processes=2", "train.threads=1"])
-    got, probe = [], []
-    last = fit_distributed(cfg, lambda m, s: got.append((m, s)), 2, "gloo", probe=probe)
+    got, probe, ticks = [], [], []
+    last = fit_distributed(cfg, lambda m, s: got.append((m, s)), 2, "gloo", probe=probe, on_progress=ticks.append)
+
+    # rank 0's progress inside an epoch reached this process, between the epochs
+    assert ticks and all(t["epoch"] != int(t["epoch"]) and t["images_per_s"] > 0 for t in ticks), ticks
 
     # every epoch reached on_epoch in this process, with metrics and a full state
     assert [m["epoch"] for m, _ in got] == [1.0, 2.0] and last["epoch"] == 2.0 and not last["diverged"]

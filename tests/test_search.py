@@ -42,6 +42,7 @@ def test_tiny_search_succeeds_with_one_quiet_line_per_result(tiny):
     out, run_dir = tiny.out, tiny.run_dir
     assert f"run folder: {run_dir}" in out and "| network " in out
     assert "epoch:  1.00/3 | gate.loss:" in out          # one compact line per trial result
+    assert "\x1b[" not in out                             # not a terminal: plain lines, no live view
     # a quiet console: no Ray Tune box, no TensorBoard hint at Ray's staging folder; TensorBoard on the run folder
     assert "Configuration for experiment" not in out and "driver_artifacts" not in out
     assert f"tensorboard --logdir {run_dir}" in out

@@ -1,15 +1,20 @@
 """Live metrics of a search through Ray's metrics API (ray.util.metrics), for Prometheus and Grafana.
 
 Each trial sets gauges (exported as `ray_gatetune_<name>`, tagged `run` and `trial_id`) at every epoch
-on the node it runs on; the driver sets `ray_gatetune_trials` (tagged `run` and `status`) on the head.
+on the node it runs on, and every few seconds inside an epoch (TrialProgress: `epoch` fractional,
+`images_per_s` of the epoch so far); the driver sets `ray_gatetune_trials` (tagged `run` and `status`) on
+the head. The same in-epoch progress goes to the trial's worker log (a line every few seconds) and, when
+the driver draws the live view on a terminal, to its Board (a named actor the trials find by run name).
 Ray exports a gauge every metrics_report_interval_ms (10 s by default) and drops it two intervals after
 its last set, so a thread sets the last values again every few seconds while the trial runs.
 `deploy/grafana_gatetune.json` is a Grafana dashboard of these series.
 """
 from __future__ import annotations
 
-__all__ = ["TRIAL_GAUGES", "TrialGauges", "TrialCounts"]
+__all__ = ["TRIAL_GAUGES", "TrialGauges", "TrialCounts", "TrialProgress", "Board", "board_name", "find_board",
+           "trial_status"]
 
+import sys
 import threading
 import time
 
@@ -49,6 +54,12 @@ class TrialGauges:
                      if isinstance(metrics.get(k), (int, float)) and metrics[k] == metrics[k]}
         self._push()
 
+    def progress(self, info: dict) -> None:
+        """Inside an epoch: `epoch` fractional and `images_per_s` of the epoch so far; the rest stays the
+        last epoch's."""
+        self.last = {**self.last, **{k: float(info[k]) for k in ("epoch", "images_per_s") if k in info}}
+        self._push()
+
     def _push(self) -> None:
         for name, value in self.last.items():
             _gauge(name, TRIAL_GAUGES[name], ("run", "trial_id")).set(value, tags=self.tags)
@@ -85,5 +96,72 @@ class TrialCounts(Callback):
 
     def status(self, t) -> T.Status:
         """The report's status of a live trial (core.trials.classify on Ray's status and last result)."""
-        budget = T.epochs_of(trial_config(self.base, T.config_params(t.config)))
-        return T.classify(str(t.status), t.last_result or None, budget)
+        return trial_status(self.base, t)
+
+
+def trial_status(base: dict, t) -> T.Status:
+    """The report's status of a Tune trial `t` (core.trials.classify on Ray's status and its last result)."""
+    return T.classify(str(t.status), t.last_result or None, budget(base, t.config))
+
+
+def budget(base: dict, config: dict) -> float | None:
+    """A trial's train.epochs (its config over the search's base)."""
+    return T.epochs_of(trial_config(base, T.config_params(config)))
+
+
+def board_name(run: str) -> str:
+    return f"gatetune-progress:{run}"
+
+
+class Board:
+    """The driver's live view's mailbox (a Ray actor, num_cpus=0, named board_name(run)): trials put their
+    in-epoch progress, the driver takes a snapshot a few times a second."""
+
+    def __init__(self):
+        self.progress: dict[str, dict] = {}
+
+    def update(self, trial_id: str, info: dict) -> None:
+        self.progress[trial_id] = {**info, "at": time.time()}
+
+    def snapshot(self) -> dict[str, dict]:
+        return dict(self.progress)
+
+
+def start_board(run: str):
+    """The Board actor of this search (the driver's; it ends with the driver)."""
+    import ray
+    return ray.remote(num_cpus=0)(Board).options(name=board_name(run), get_if_exists=True).remote()
+
+
+def find_board(run: str):
+    """A trial's handle on its search's Board; None when the driver draws no live view."""
+    import ray
+    try:
+        return ray.get_actor(board_name(run))
+    except ValueError:
+        return None
+
+
+class TrialProgress:
+    """A trial's on_progress (train.fit): every few seconds inside an epoch, to its gauges, its search's Board
+    (when there is one) and, every log_s, one line in its worker log:
+    `[9aa2fbe5] epoch: 2.37/8 | 431 img/s | epoch ends in 12 s`."""
+
+    def __init__(self, trial_id: str, epochs: int, gauges: TrialGauges | None, board=None, log_s: float = 5.0,
+                 stream=None):
+        self.trial_id, self.epochs, self.gauges, self.board = trial_id, epochs, gauges, board
+        self.log_s, self.stream, self._logged = log_s, stream, 0.0
+
+    def __call__(self, info: dict) -> None:
+        if self.gauges is not None:
+            self.gauges.progress(info)
+        if self.board is not None:
+            self.board.update.remote(self.trial_id, info)   # fire and forget: never waits on the driver
+        if time.monotonic() - self._logged >= self.log_s:
+            self._logged = time.monotonic()
+            print(progress_text(self.trial_id, info, self.epochs), file=self.stream or sys.stderr, flush=True)
+
+
+def progress_text(trial_id: str, info: dict, epochs: int) -> str:
+    return (f"[{trial_id}] epoch: {info['epoch']:5.2f}/{epochs} | {info['images_per_s']:.0f} img/s | "
+            f"epoch ends in {info['epoch_left_s']:.0f} s")

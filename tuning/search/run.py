@@ -42,7 +42,7 @@ from gatetune.tuning import config as C
 from gatetune.tuning import data
 from gatetune.tuning.search import schedulers
 from gatetune.tuning.search import space as S
-from gatetune.tuning.search.console import Console, summary
+from gatetune.tuning.search.console import Console, close_all, summary
 from gatetune.tuning.search.live import TrialCounts
 from gatetune.tuning.search.snapshot import KeepState, recover
 
@@ -102,6 +102,8 @@ def _fit(tuner, run_dir: str):
         raise UserError(f"the run folder could not be written or read back ({type(e).__name__}: "
                         f"{first_line(e)}); free space or fix the folder, then "
                         f"`gatetune resume {run_dir}`", file=run_dir) from None
+    finally:
+        close_all()   # the live view, whatever ended the search
 
 
 def _concurrency(cfg: C.Config) -> int:
@@ -167,17 +169,19 @@ def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_act
     multi = isinstance(metric, list)   # TuneConfig takes one metric; the scheduler has top1 itself
     log = schedulers.DecisionLog(store)
     parent, name = run_dir.rstrip("/").rsplit("/", 1)
+    concurrency = _concurrency(cfg)
     return tune.Tuner(
         _trainable(cfg, plan.base, run_dir),
         tune_config=tune.TuneConfig(
             metric=None if multi else metric, mode=None if multi else mode, search_alg=searcher,
             scheduler=schedulers.build(plan, log), num_samples=_num_samples(plan),
-            max_concurrent_trials=_concurrency(cfg), reuse_actors=reuse_actors, time_budget_s=srch.time_budget_s,
+            max_concurrent_trials=concurrency, reuse_actors=reuse_actors, time_budget_s=srch.time_budget_s,
             trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
             name=name, storage_path=parent, verbose=2 if verbose else 0,
             failure_config=tune.FailureConfig(max_failures=srch.max_failures),
-            callbacks=[Console(plan.max_epochs), TrialCounts(cfg.name, plan.base),
+            callbacks=[Console(plan.max_epochs, run=name, base=plan.base, expected=_num_samples(plan),
+                               buckets=plan.density_buckets, concurrency=concurrency), TrialCounts(cfg.name, plan.base),
                        PruneCheckpoints(store, cfg.train.keep_checkpoints), *([] if store.remote else [KeepState(run_dir)]),
                        *callbacks]),
     )

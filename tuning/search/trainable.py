@@ -13,8 +13,10 @@ What a user sees of a trial in the Ray dashboard (docs/design.md, "Watching a se
 - the Actors page's Repr column: `trial 9aa2fbe5 d=0.50 gate=all` (TrialLabel). Ray reads it once, when the
   worker starts; with reuse_actors a worker that moves on to the next trial says so in its log;
 - the worker log (stderr): one line per epoch, `[<trial id>] epoch: 2.00/8 | ...` as the driver prints them,
+  one every few seconds inside an epoch (`[<trial id>] epoch: 2.37/8 | 431 img/s | epoch ends in 12 s`),
   and the traceback when the trial fails;
-- live gauges through ray.util.metrics, on the node's Prometheus endpoint (tuning/search/live.py).
+- live gauges through ray.util.metrics, on the node's Prometheus endpoint (tuning/search/live.py), and the
+  same in-epoch progress on the driver's live view (live.TrialProgress).
 """
 from __future__ import annotations
 
@@ -32,23 +34,7 @@ from gatetune.core.errors import UserError, first_line
 from gatetune.tuning.train import checkpoint as ckpt
 from gatetune.tuning import config as C
 from gatetune.tuning.search import live
-from gatetune.tuning.search.console import progress_line
-
-_SHOWN = (("gating.density", "d", "{:.2f}"), ("gating.gate", "gate", "{}"), ("gating.weight", "w", "{:.1e}"),
-          ("train.optimizer.lr", "lr", "{:.3g}"), ("seed", "seed", "{}"))
-
-
-def label(trial_id: str, config: dict) -> str:
-    """`trial 9aa2fbe5 d=0.50 gate=all`: the trial id and its key sampled settings."""
-    def text(fmt, v):
-        v = ",".join(map(str, v)) if isinstance(v, list) else v
-        try:
-            return fmt.format(v)
-        except (ValueError, TypeError):
-            return str(v)
-    parts = [f"{short}={text(fmt, config[key])}" for key, short, fmt in _SHOWN if key in config]
-    return " ".join([f"trial {trial_id}", *parts[:4]])
-
+from gatetune.tuning.search.console import label, progress_line
 
 class TrialLabel:
     """Mixed into Tune's class for the trial function (`trial.__mixins__`): names the worker after its trial
@@ -105,7 +91,9 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
     if (checkpoint := tune.get_checkpoint()) is not None:
         with checkpoint.as_directory() as d:
             resume = resume_state(d)
-    gauges = live.TrialGauges(context.get_experiment_name(), trial_id)
+    run = context.get_experiment_name()
+    gauges = live.TrialGauges(run, trial_id)
+    on_progress = live.TrialProgress(trial_id, cfg.train.epochs, gauges, live.find_board(run))
 
     def report(metrics: dict, state: dict | None) -> None:
         if state is not None and metrics["epoch"] >= cfg.train.epochs and not T.is_pretrain(config):
@@ -127,7 +115,7 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
             raise CheckpointWriteError(line) from None
 
     try:
-        fit_any(cfg, report, resume=resume, gpus=gpus, threads=max(1, int(cpus)), cached=True)
+        fit_any(cfg, report, resume=resume, gpus=gpus, threads=max(1, int(cpus)), cached=True, on_progress=on_progress)
     except CheckpointWriteError:
         raise   # its one line is in the worker log already
     except UserError as e:   # e.g. this node lacks the data: one line, as the command line would print it

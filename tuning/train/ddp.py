@@ -194,7 +194,7 @@ def _portable(e: BaseException) -> BaseException | None:
 
 
 def worker(rank: int, world: int, backend: str, init_file: str, cfg: C.Config, resume: bytes | None,
-            threads: int | None, progress: bool, probe: bool, parent_pid: int, q) -> None:
+            threads: int | None, progress: bool, probe: bool, parent_pid: int, q, live: bool = False) -> None:
     _die_with_parent(parent_pid)
     try:
         if backend == "nccl":
@@ -220,8 +220,11 @@ def worker(rank: int, world: int, backend: str, init_file: str, cfg: C.Config, r
                 metrics["images_per_s"] *= world
             q.put(("epoch", rank, dumps((metrics, state))))
 
+        def on_progress(info: dict) -> None:   # rank 0's, throughput of the world
+            q.put(("progress", rank, {**info, "images_per_s": info["images_per_s"] * world}))
+
         last = fit(cfg, on_epoch, resume=None if resume is None else loads(resume), device=device, data=data,
-                   progress=progress and rank == 0, dist=ctx)
+                   progress=progress and rank == 0, dist=ctx, on_progress=on_progress if live and rank == 0 else None)
         info = {}
         if probe:
             info = {"batches": train.log, "params": {k: v.detach().cpu().clone()

@@ -69,19 +69,20 @@ def world(cfg: C.Config, gpus_granted: int | None = None) -> tuple[int, str]:
 
 def fit_any(cfg: C.Config, on_epoch: Callable[[dict, dict | None], None], *, resume: dict | None = None,
             gpus: int | None = None, threads: int | None = None, progress: bool = False,
-            cached: bool = False) -> dict:
+            cached: bool = False, on_progress: Callable[[dict], None] | None = None) -> dict:
     """Train cfg the way `world` says: train.fit in this process, or fit_distributed over N ranks.
     gpus: the GPUs a Ray trial was granted (None outside Ray); threads: the CPU threads this run may use
-    in all (split between the ranks); cached: keep the dataset in this process (Ray reuses workers)."""
+    in all (split between the ranks); cached: keep the dataset in this process (Ray reuses workers);
+    on_progress: train.fit's, called in this process (rank 0's progress, images/s of all ranks)."""
     processes, backend = world(cfg, gpus)
     threads = threads or torch.get_num_threads()
     if processes > 1:   # train.threads is per rank
         return fit_distributed(cfg, on_epoch, processes, backend, resume=resume, progress=progress,
-                               threads=cfg.train.threads or max(1, threads // processes))
+                               threads=cfg.train.threads or max(1, threads // processes), on_progress=on_progress)
     torch.set_num_threads(cfg.train.threads or threads)
     device = pick_device(cfg, gpu_granted=None if gpus is None else gpus > 0)
     data = (load_cached if cached else load)(cfg.data, device, seed=cfg.seed)
-    return fit(cfg, on_epoch, resume=resume, device=device, data=data, progress=progress)
+    return fit(cfg, on_epoch, resume=resume, device=device, data=data, progress=progress, on_progress=on_progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,9 +90,11 @@ def fit_any(cfg: C.Config, on_epoch: Callable[[dict, dict | None], None], *, res
 
 def fit_distributed(cfg: C.Config, on_epoch: Callable[[dict, dict | None], None], world_size: int,
                     backend: str = "gloo", *, resume: dict | None = None, progress: bool = False,
-                    threads: int | None = None, probe: list | None = None) -> dict:
+                    threads: int | None = None, probe: list | None = None,
+                    on_progress: Callable[[dict], None] | None = None) -> dict:
     """train.fit on `world_size` processes (backend "nccl": rank r on cuda:r; "gloo": CPU); returns rank
-    0's last metrics. on_epoch(metrics, state) is called here, in this process, as train.fit calls it.
+    0's last metrics. on_epoch(metrics, state) is called here, in this process, as train.fit calls it, and so
+    is on_progress (rank 0's, its images/s times the world).
     threads: torch threads per rank (default torch's). probe (tests): a list that receives one dict per
     rank, {"rank", "batches": {epoch: [(sum x, sum y, n), ...]}, "params": {name: tensor}}."""
     import multiprocessing as mp
@@ -105,12 +108,12 @@ def fit_distributed(cfg: C.Config, on_epoch: Callable[[dict, dict | None], None]
         init_file = os.path.join(tmp, "rendezvous")   # a file store: no port to pick, nothing listening
         procs = [ctx.Process(target=ddp.worker, name=f"gatetune-rank{r}",
                              args=(r, world_size, backend, init_file, cfg, blob, threads, progress,
-                                   probe is not None, os.getpid(), q))
+                                   probe is not None, os.getpid(), q, on_progress is not None))
                  for r in range(world_size)]
         try:
             for p in procs:
                 p.start()
-            last, infos = _supervise(procs, q, on_epoch)
+            last, infos = _supervise(procs, q, on_epoch, on_progress)
         finally:
             _stop(procs)
             q.close()
@@ -120,8 +123,9 @@ def fit_distributed(cfg: C.Config, on_epoch: Callable[[dict, dict | None], None]
     return last
 
 
-def _supervise(procs, q, on_epoch) -> tuple[dict, dict]:
-    """Relay rank 0's epochs to on_epoch until every rank is done; raise the first failure."""
+def _supervise(procs, q, on_epoch, on_progress=None) -> tuple[dict, dict]:
+    """Relay rank 0's epochs to on_epoch (and its progress to on_progress) until every rank is done; raise
+    the first failure."""
     done: dict[int, dict] = {}
     last: dict | None = None
     while len(done) < len(procs):
@@ -139,6 +143,9 @@ def _supervise(procs, q, on_epoch) -> tuple[dict, dict]:
         if kind == "epoch":
             metrics, state = ddp.loads(payload)
             on_epoch(metrics, state)
+        elif kind == "progress":
+            if on_progress is not None:
+                on_progress(payload)
         elif kind == "done":
             metrics, info = ddp.loads(payload)
             done[rank] = info

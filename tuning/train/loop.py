@@ -12,6 +12,10 @@ with the same weights as one that never stopped.
 A gate loss that becomes NaN/inf or exceeds train.max_gate_loss stops the run at once with
 `diverged: True` in its last metrics (the state of that step is not checkpointed).
 
+Inside an epoch, `on_progress` (when given) hears every few seconds how far the epoch is: its fraction,
+the images/s so far and the training seconds left in it (a Ray trial's live view, worker log and gauges);
+it never changes the per-epoch metrics.
+
     python -m gatetune.tuning.cli train search_spaces/digits.yaml train.epochs=2
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 __all__ = ["fit", "evaluate", "pick_device", "build_model", "lr_at", "phase_of", "METRICS"]
 
 import math
+import os
 import socket
 import sys
 import time
@@ -38,6 +43,14 @@ from gatetune.tuning.train.health import health_metrics
 METRICS = ("epoch", "top1", "top5", "loss", "gate_loss", "density", "macs", "macs_ratio", "lr",
            "images_per_s", "node", "diverged", "dynamic", "gate_health", "gate_health_detail")
 _CHECK_EVERY = 16   # batches between divergence checks (each check syncs the GPU once)
+
+
+def progress_every() -> float:
+    """Seconds between two on_progress calls: GATETUNE_PROGRESS_S, default 2."""
+    try:
+        return max(0.05, float(os.environ.get("GATETUNE_PROGRESS_S", "2")))
+    except ValueError:
+        return 2.0
 
 
 def pick_device(cfg: C.Config, gpu_granted: bool | None = None) -> torch.device:
@@ -137,10 +150,13 @@ class _Progress:
 
 def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict | None = None,
         device: torch.device | None = None, data: Data | None = None, progress: bool = False,
-        dist=None) -> dict:
+        dist=None, on_progress: Callable[[dict], None] | None = None) -> dict:
     """Train `cfg` to train.epochs (or divergence); returns the last metrics.
 
     on_epoch(metrics, state) is called after every epoch (and once on divergence, with state None).
+    on_progress(info) every progress_every() seconds of training: {"epoch": e + fraction done, "images_per_s":
+    this epoch's so far, "epoch_left_s": training seconds left in it, "epoch_s": its training seconds at that
+    rate} (dist: this rank's share).
     resume: a checkpoint dict from an earlier call's on_epoch; training continues after its epoch.
     dist: a distributed.DistContext when this is one rank of a data-parallel run (data is its shard).
     """
@@ -167,6 +183,7 @@ def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict |
     last = history[-1] if history else {}
     node = socket.gethostname()
     bs = cfg.train.batch_size
+    every = progress_every()
     for epoch in range(start, cfg.train.epochs):
         phase = phase_of(phases, epoch)
         net.set_trainable(phase.trainable)
@@ -176,6 +193,7 @@ def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict |
         net.train()
         nb = data.train.num_batches(bs, drop_last=True)
         seen, t0, gate_losses = 0, time.perf_counter(), []
+        told = t0
         lr = opt.param_groups[0]["lr"]
         # the live line's density: this epoch's training forwards (recorded only for a live line)
         with (net.record_gates() if bar.live else nullcontext()) as rec:
@@ -204,6 +222,10 @@ def fit(cfg: C.Config, on_epoch: Callable[[dict, dict], None], *, resume: dict |
                         return metrics
                     bar.update(epoch + (i + 1) / nb, gate_losses, rec.density() if rec is not None else None,
                                f"loss: {t:.4f} | tp: {seen / (time.perf_counter() - t0):.0f}/s")
+                if on_progress is not None and (now := time.perf_counter()) - told >= every and i < nb - 1:
+                    told, rate = now, seen / (now - t0)
+                    on_progress({"epoch": epoch + (i + 1) / nb, "images_per_s": rate,
+                                 "epoch_left_s": (nb - i - 1) * bs / rate, "epoch_s": nb * bs / rate})
         train_s = time.perf_counter() - t0
         metrics = {"epoch": float(epoch + 1), **evaluate(net, data.val, max(bs, 256), amp)}
         metrics.update(gate_loss=sum(gate_losses) / max(len(gate_losses), 1), lr=lr,
