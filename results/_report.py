@@ -1,4 +1,4 @@
-"""report.csv, report.md and pareto.png of a search folder."""
+"""report.csv, report.md and pareto.png (drawn by _plot.py) of a search folder, and its LaTeX table."""
 
 from __future__ import annotations
 
@@ -10,25 +10,25 @@ import pandas as pd
 
 from gatetune.core import layout
 from gatetune.core import trials as T
+from gatetune.core.errors import first_line
 from gatetune.core.storage import RunStore, write_atomic
 
-from ._collect import STATUSES, open_run
-from ._seeds import dense_baseline, origins, seed_groups
+from ._collect import STATUSES, ReportError, open_run
+from ._plot import plot_pareto
+from ._seeds import baseline_stats, dense_baseline, density_curve, seed_groups
 from ._table import PARETO, cell, is_missing, is_true, markdown_table, summary_markdown, table_of
 
-# One colour per status (tab10 shades): the eye finds the failures first.
-_COLOURS = {"completed": "#1f77b4", "stopped": "#7f7f7f", "running": "#2ca02c", "pending": "#bcbd22",
-            "diverged": "#ff7f0e", "error": "#d62728"}
-_MARKERS = {"diverged": "^", "error": "X"}  # failures also differ in shape, not only in colour
 # Table columns shown as percentages (stored as fractions 0..1) and with 2 decimals (percent).
 _FRACTIONS = ("target_density", "density", "macs_ratio", "latency_ratio", "density_mean", "macs_ratio_mean")
 _PERCENTS = ("top1", "top5", "top1_mean", "top1_std")
 
 
-def write_report(run_dir, csv=None, markdown=None, plot=None) -> pd.DataFrame:
+def write_report(run_dir, csv=None, markdown=None, plot=None, latex=None) -> pd.DataFrame:
     """Write the trials table as CSV, a markdown report (summary table, full table, run folder size)
     and the Pareto plot; defaults RUN_DIR/report.csv, RUN_DIR/report.md, RUN_DIR/pareto.png (into a
-    remote run folder too, s3://...). Returns the table."""
+    remote run folder too, s3://...); with `latex`, also the density/accuracy table as a LaTeX tabular
+    (latex_table) into that file. Each file is written whole or not at all; a given path that cannot be
+    written is a ReportError naming it. Returns the table."""
     run = open_run(run_dir)
     size = folder_size(run.path)  # before our own files are (re)written; a remote mirror holds no checkpoints
     df = table_of(run)
@@ -38,8 +38,15 @@ def write_report(run_dir, csv=None, markdown=None, plot=None) -> pd.DataFrame:
         if path is None:
             store.write_bytes(name, data)
             return run.path / name
-        write_atomic(path, lambda f: f.write(data))
+        try:
+            write_atomic(path, lambda f: f.write(data))
+        except OSError as exc:
+            raise ReportError(f"{path}: cannot write it ({exc.strerror or first_line(exc)}); give a file path "
+                              "whose folder exists or can be created, and that you can write to") from None
         return Path(path)
+
+    if latex is not None:   # first: a path that cannot be written stops the report before anything is written
+        put(latex, "report.tex", latex_table(df).encode())
 
     png = io.BytesIO()
     plot_pareto(df, png, title=f"{run.name}: top-1 accuracy against cost, {len(df)} trials")
@@ -117,14 +124,67 @@ def seeds_markdown(df: pd.DataFrame) -> str:
                            "front"], rows, "lrrrrll")
 
 
+LATEX_HEADER = ("Target density", "Gated layers", "Density", "MACs ratio", "Top-1 (%)", "Seeds", "Trial")
+
+
+def latex_table(df: pd.DataFrame) -> str:
+    """The density/accuracy curve as a LaTeX tabular for a paper (booktabs rules: \\toprule, \\midrule,
+    \\bottomrule; pandas' Styler.to_latex): the dense baseline first, then per target density, densest first,
+    the points of the plot's density curve (density_curve: the best confirmed config's mean +- std over its
+    seeds, else the best completed trial, one seed). Columns LATEX_HEADER: achieved density and MACs ratio
+    as fractions (means over the seeds), top-1 in percent; every cell LaTeX-escaped (% _ & # $ { } ~ ^ \\)."""
+    base = dense_baseline(df)
+    curve = density_curve(df)
+    rows = []
+    if base is not None:
+        mean, std, n = baseline_stats(base)
+        where = "dense pretraining" if is_true(base.get("pretrain")) else f"{float(base['target_density']):.2f}"
+        rows.append([f"{where} (baseline)", cell(base.get("gated_layers")), _fraction(_mean_of(base, "density")),
+                     _fraction(_mean_of(base, "macs_ratio")), _plus_minus(mean, std, n), f"{n}",
+                     cell(base["trial_id"])])
+    for _, point in curve.iloc[::-1].iterrows():
+        if base is not None and point["trial_id"] == base["trial_id"]:
+            continue   # the baseline's own config: its row is above
+        config = df[df["trial_id"] == point["trial_id"]].iloc[0]
+        rows.append([f"{point['target_density']:.2f}", cell(config.get("gated_layers")), _fraction(point["density"]),
+                     _fraction(point["macs_ratio"]), _plus_minus(point["top1"], point["top1_std"], int(point["n_seeds"])),
+                     f"{int(point['n_seeds'])}", cell(point["trial_id"])])
+    frame = pd.DataFrame(rows, columns=list(LATEX_HEADER)) if rows else pd.DataFrame(columns=list(LATEX_HEADER))
+    # escape first, then the formatter turns the ± of the top-1 cells into math (pandas escapes before formatting)
+    styler = frame.style.hide(axis="index").format(escape="latex", formatter=lambda v: v.replace("±", r"$\pm$"))
+    styler = styler.format_index(escape="latex", axis=1)
+    return styler.to_latex(hrules=True, column_format="llrrrrl")
+
+
+def _mean_of(row, column: str) -> float:
+    """A row's `column` as its mean over its seeds when it has them (`<column>_mean`), else its own value."""
+    mean = row.get(f"{column}_mean")
+    return float(mean) if not is_missing(mean) and pd.notna(mean) else float(row.get(column, float("nan")))
+
+
+def _fraction(value) -> str:
+    return "" if is_missing(value) or pd.isna(value) else f"{float(value):.3f}"
+
+
+def _plus_minus(mean: float, std: float, n: int) -> str:
+    return f"{mean:.2f}" if n == 1 or pd.isna(std) else f"{mean:.2f} ± {std:.2f}"
+
+
 def baseline_line(df: pd.DataFrame) -> str:
-    """Which dense trial the gated ones are compared with (the plot's dashed line), in one sentence."""
+    """Which dense trial the gated ones are compared with (the plot's dashed line), in one sentence, with the
+    top-1 the plot draws: the mean +- std over its seeds when it was confirmed, else its one run's."""
     base = dense_baseline(df)
     if base is None:
-        return "No dense baseline: no dense trial (target density 1.0 or nothing gated) trained its full budget."
+        return ("No dense baseline: neither a dense pretraining nor a dense trial (target density 1.0 or nothing "
+                "gated) trained its full budget; the plot draws no baseline line.")
     how = (f"the dense pretraining every search trial started from, {float(base['epochs']):g} epochs"
-           if is_true(base.get("pretrain")) else "the best dense trial that trained its full budget")
-    return f"Dense baseline: trial `{base['trial_id']}` ({how}), top-1 {float(base['top1']):.2f}%."
+           if is_true(base.get("pretrain")) else
+           f"the best dense trial that trained its full budget, {float(base['epochs']):g} epochs")
+    mean, std, n = baseline_stats(base)
+    if n == 1:
+        return f"Dense baseline: trial `{base['trial_id']}` ({how}), top-1 {mean:.2f}% (one run)."
+    return (f"Dense baseline: trial `{base['trial_id']}` ({how}), top-1 {mean:.2f} ± "
+            f"{0 if std != std else std:.2f}% over {n} seeds (this seed {float(base['top1']):.2f}%).")
 
 
 def _seeds_section(df: pd.DataFrame) -> list[str]:
@@ -174,91 +234,3 @@ def _format(column: str, value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return cell(value)
-
-
-def plot_pareto(df: pd.DataFrame, path, title: str) -> None:
-    """Two panels, top-1 against MACs ratio and against achieved density: every search trial a point
-    coloured by status (stopped trials hollow, labelled with their last epoch: never on a front), the
-    Pareto front of the completed trials as a step line, a density ladder's lineage as thin grey lines,
-    confirmed configs as their mean with a +-1 std
-    error bar and the front over seeds dashed, the dense baseline as a dashed line."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI; Agg renders PNGs
-    from matplotlib.ticker import PercentFormatter
-
-    fig = Figure(figsize=(12, 5), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    panels = (("macs_ratio", "pareto", "MACs ratio (effective / dense MACs per image)"),
-              ("density", "pareto_density", "achieved density (fraction of channels kept)"))
-    baseline = dense_baseline(df)
-    for ax, (x, front, label) in zip(axes, panels):
-        _panel(ax, df, x, front, baseline)
-        ax.set_xlabel(label)
-        ax.xaxis.set_major_formatter(PercentFormatter(xmax=1.0))
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("top-1 accuracy (%)")
-    if axes[0].get_legend_handles_labels()[0]:  # nothing to explain before the first results
-        axes[0].legend(loc="best", fontsize="small")
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110, format="png")
-
-
-def _panel(ax, df: pd.DataFrame, x: str, front: str, baseline) -> None:
-    points = df[df["top1"].notna() & df[x].notna() & (origins(df) == "")]
-    if points.empty:
-        ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
-        return
-    for status in STATUSES:
-        group = points[points["status"] == status]
-        if not len(group):
-            continue
-        if status == "stopped":   # hollow: its top-1 is an earlier epoch's, not a result to pick
-            ax.scatter(group[x], group["top1"], s=36, facecolors="none", edgecolors=_COLOURS[status], zorder=3,
-                       label=f"stopped early ({len(group)}; e<N> = last epoch)")
-            for _, row in group.iterrows():
-                ax.annotate(f"e{row['epochs']:g}", (row[x], row["top1"]), xytext=(4, 3), textcoords="offset points",
-                            fontsize="xx-small", color=_COLOURS[status])
-            continue
-        ax.scatter(group[x], group["top1"], s=36, color=_COLOURS[status], marker=_MARKERS.get(status, "o"),
-                   alpha=0.85, label=f"{status} ({len(group)})", zorder=3)
-    _lineage(ax, points, x)
-    _seed_means(ax, df, x)
-    best = points[points[front]].sort_values(x)
-    if len(best):
-        ax.plot(best[x], best["top1"], drawstyle="steps-post", color="black", lw=1.2, zorder=2,
-                label="Pareto front")
-        ax.scatter(best[x], best["top1"], s=110, facecolors="none", edgecolors="black", lw=1.2, zorder=4)
-        for _, row in best.iterrows():  # name the front's trials, to find them in the table
-            ax.annotate(str(row["trial_id"]), (row[x], row["top1"]), xytext=(6, -10),
-                        textcoords="offset points", fontsize="x-small", color="dimgray")
-    if baseline is not None:
-        ax.axhline(baseline["top1"], color="black", ls="--", lw=1, alpha=0.7,
-                   label=f"dense baseline ({baseline['top1']:.2f}%)")
-
-
-def _lineage(ax, points: pd.DataFrame, x: str) -> None:
-    """A density ladder's steps: a thin line from each completed trial to the trial of the step above it started
-    from (the dense pretraining's children are left unlinked: it would link every trial to one point)."""
-    at = points.set_index("trial_id")
-    dense = set(points.loc[points["pretrain"].fillna(False).astype(bool), "trial_id"]) if "pretrain" in points else set()
-    links = [(at.loc[p], row) for _, row in points[points["status"] == "completed"].iterrows()
-             if (p := row.get("started_from")) and isinstance(p, str) and p in at.index and p not in dense]
-    for i, (parent, child) in enumerate(links):
-        ax.plot([parent[x], child[x]], [parent["top1"], child["top1"]], color="gray", lw=0.6, alpha=0.5, zorder=1,
-                label="started from (ladder step above)" if i == 0 else None)
-
-
-def _seed_means(ax, df: pd.DataFrame, x: str) -> None:
-    """Confirmed configs: mean top-1 +- 1 std over their seeds, and the front over seeds (dashed)."""
-    confirmed = df[df["n_seeds"].notna()]
-    if confirmed.empty:
-        return
-    n = int(confirmed["n_seeds"].max())
-    ax.errorbar(confirmed[f"{x}_mean"], confirmed["top1_mean"], yerr=confirmed["top1_std"].fillna(0), fmt="D",
-                ms=5, color="#9467bd", ecolor="#9467bd", capsize=3, zorder=5, label=f"mean ± std over {n} seeds")
-    best = confirmed[confirmed["pareto_seeds"]].sort_values(f"{x}_mean")
-    if len(best) > 1:
-        ax.plot(best[f"{x}_mean"], best["top1_mean"], drawstyle="steps-post", color="#9467bd", ls="--", lw=1.2,
-                zorder=2, label=f"front over {n} seeds")
-
-
-

@@ -66,11 +66,13 @@ def front_trials(df: pd.DataFrame, rule: str, baseline: bool = True) -> list[str
 
 
 def dense_baseline(df: pd.DataFrame):
-    """The row the gated trials are compared with: the dense pretraining (search.pretrain) when it completed,
-    else the best completed trial with target density 1.0 or nothing gated (never a stopped one: its top-1
-    is an earlier epoch's); None when there is none. df needs trial_id, status, top1, and where present
-    pretrain, confirms, target_density, gated_layers."""
-    done = df[(df["status"] == T.Status.COMPLETED.value) & df["top1"].notna()]
+    """The row the gated trials are compared with, or None when there is none: the dense pretraining
+    (search.pretrain, `pretrain` true) when it completed, else the best completed search trial with target
+    density 1.0 or nothing gated. Only a trial that trained its full budget counts (status completed:
+    core.trials.classify says so only when its last epoch reached its config's train.epochs); never a stopped,
+    running or failed one (a stopped trial's top-1 is an earlier epoch's), never a seed replica. df needs
+    trial_id, status, top1, and where present pretrain, confirms, target_density, gated_layers."""
+    done = df[(df["status"] == T.Status.COMPLETED.value) & pd.to_numeric(df["top1"], errors="coerce").notna()]
     if T.PRETRAIN in done:
         from ._table import is_true
         pretrain = done[T.PRETRAIN].map(is_true).astype(bool)
@@ -84,6 +86,45 @@ def dense_baseline(df: pd.DataFrame):
         dense |= done["gated_layers"].astype(str).str.lower().eq("none")
     best = done[dense].sort_values(["top1", "trial_id"], ascending=[False, True], kind="stable")
     return best.iloc[0] if len(best) else None
+
+
+def baseline_stats(base) -> tuple[float, float, int]:
+    """(top-1, std, seeds) of the dense baseline row: its mean and sample std over its seeds when it was
+    confirmed (search.confirm trains the best dense trial again), else its own top-1, std NaN, 1 seed."""
+    n, mean = pd.to_numeric(base.get("n_seeds"), errors="coerce"), pd.to_numeric(base.get("top1_mean"), errors="coerce")
+    if pd.notna(n) and pd.notna(mean):
+        std = pd.to_numeric(base.get("top1_std"), errors="coerce")
+        return float(mean), float(std) if pd.notna(std) else float("nan"), int(n)
+    return float(base["top1"]), float("nan"), 1
+
+
+CURVE_COLUMNS = ("target_density", "trial_id", "top1", "top1_std", "n_seeds", "density", "macs_ratio", "confirmed")
+
+
+def density_curve(df: pd.DataFrame) -> pd.DataFrame:
+    """The density/accuracy curve, one row per target density (ascending): the best confirmed config's mean
+    top-1 over its seeds (with its std, seeds, mean achieved density and mean macs_ratio; confirmed True), or,
+    when the search confirmed no config, the best completed search trial's (one seed, std NaN, confirmed
+    False). Seed replicas and the dense pretraining are never points; trials without a target density are
+    left out. Columns CURVE_COLUMNS; empty when nothing qualifies."""
+    if "target_density" not in df or df.empty:
+        return pd.DataFrame(columns=list(CURVE_COLUMNS))
+    rows = df[search_rows(df) & pd.to_numeric(df["target_density"], errors="coerce").notna()]
+    confirmed = rows[rows["n_seeds"].notna()] if "n_seeds" in rows else rows.iloc[:0]
+    if len(confirmed):
+        curve = pd.DataFrame({"target_density": confirmed["target_density"], "trial_id": confirmed["trial_id"],
+                              "top1": confirmed["top1_mean"], "top1_std": confirmed["top1_std"],
+                              "n_seeds": confirmed["n_seeds"], "density": confirmed["density_mean"],
+                              "macs_ratio": confirmed["macs_ratio_mean"], "confirmed": True})
+    else:
+        done = rows[front_candidates(rows)]
+        curve = pd.DataFrame({"target_density": done["target_density"], "trial_id": done["trial_id"],
+                              "top1": done["top1"], "top1_std": np.nan, "n_seeds": 1.0, "density": done["density"],
+                              "macs_ratio": done["macs_ratio"], "confirmed": False})
+    curve = curve.astype({"target_density": float, "top1": float, "top1_std": float, "n_seeds": float,
+                          "density": float, "macs_ratio": float})
+    curve = curve.sort_values(["target_density", "top1", "trial_id"], ascending=[True, False, True], kind="stable")
+    return curve.drop_duplicates("target_density").reset_index(drop=True)[list(CURVE_COLUMNS)]
 
 
 def add_seed_stats(out: pd.DataFrame, rule: str | None) -> pd.DataFrame:

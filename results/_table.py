@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import numpy as np
 import pandas as pd
@@ -138,15 +140,32 @@ def _status(row) -> str:
 
 
 def markdown_table(header: list[str], rows: list[list[str]], align: str) -> str:
-    """A GitHub-flavoured markdown table with padded columns; align is one 'l'/'r' per column.
-    (Written here because pandas' to_markdown needs `tabulate`, which is not a dependency.)"""
+    """A GitHub-flavoured markdown table of text cells (pandas' DataFrame.to_markdown, through tabulate's
+    `pipe` format): columns padded to their widest cell or header, align one 'l'/'r' per column, `|` inside
+    a cell escaped. Cells are shown as given (already formatted: tabulate parses no numbers)."""
     rows = [[c.replace("|", "\\|") for c in row] for row in rows]
-    widths = [max(3, len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    pad = lambda text, i: text.rjust(widths[i]) if align[i] == "r" else text.ljust(widths[i])  # noqa: E731
-    rule = [("-" * (w - 1) + ":") if a == "r" else ("-" * w) for w, a in zip(widths, align)]
-    lines = [[pad(h, i) for i, h in enumerate(header)], rule]
-    lines += [[pad(c, i) for i, c in enumerate(row)] for row in rows]
-    return "\n".join("| " + " | ".join(line) + " |" for line in lines) + "\n"
+    frame = pd.DataFrame(rows, columns=range(len(header))) if rows else pd.DataFrame(columns=range(len(header)))
+    frame.columns = header
+    with _no_header_padding():
+        text = frame.to_markdown(index=False, tablefmt="pipe", disable_numparse=True, missingval="",
+                                 colalign=tuple("right" if a == "r" else "left" for a in align))
+    return text + "\n"
+
+
+_TABULATE = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_header_padding():
+    """tabulate widens every column to its header + 2 (a module-level MIN_PADDING, no argument): 0 while a
+    table is built, so a column is as wide as its widest cell or header, as report.md's tables always were."""
+    import tabulate
+    with _TABULATE:
+        saved, tabulate.MIN_PADDING = tabulate.MIN_PADDING, 0
+        try:
+            yield
+        finally:
+            tabulate.MIN_PADDING = saved
 
 
 def is_missing(value) -> bool:

@@ -343,7 +343,7 @@ def test_summary_markdown_is_the_notebook_table():
     # no results (pending) and failed runs (error) are left out; finished first, densest first within a status
     assert summary_markdown(df) == (
         "| network | status             | density | macs_ratio |  top1 |  top5 | checkpoint           | node     |\n"
-        "| ------- | ------------------ | ------: | ---------: | ----: | ----: | -------------------- | -------- |\n"
+        "|:--------|:-------------------|--------:|-----------:|------:|------:|:---------------------|:---------|\n"
         "| mobile  | completed          |  98.30% |     96.00% | 68.75 | 88.34 |                      | heimdall |\n"
         "| squeeze | completed          |  95.71% |     93.00% | 55.72 | 78.88 | t1/checkpoint_000012 | sigyn    |\n"
         "| squeeze | stopped at epoch 3 |  98.07% |     97.00% | 56.51 | 79.39 | t0/checkpoint_000003 | sigyn    |\n")
@@ -412,3 +412,71 @@ def test_read_report_keeps_trial_ids_that_look_like_numbers(tmp_path):
     assert df["trial_id"].tolist() == ["2512e764", "12345678", "0abc1234"]
     assert df["confirms"].isna().tolist() == [True, False, True] and df["confirms"][1] == "2512e764"
     assert df["gated_layers"][0] == "none" and math.isnan(df["top1"][2])
+
+
+# --- gatetune report --latex, and the figure of the real folder ----------------------------------
+
+def _latex_cells(line: str) -> list[str]:
+    """A tabular row's cells: split at & not escaped as \\&, the trailing \\\\ removed."""
+    import re
+    assert line.endswith(r" \\"), line
+    return re.split(r"(?<!\\)&", line[:-3])
+
+
+def test_report_latex_writes_the_density_accuracy_tabular(run_copy, tmp_path, capsys):
+    from gatetune.tuning.cli import main
+    out = tmp_path / "paper" / "table.tex"    # its folder created
+    assert main(["report", str(run_copy), "--latex", str(out)]) == 0
+    assert f"LaTeX table: {out}" in capsys.readouterr().out
+    lines = out.read_text().strip().splitlines()
+    assert lines[0].startswith(r"\begin{tabular}{") and lines[-1] == r"\end{tabular}"
+    assert [lines[1], lines[3], lines[-2]] == [r"\toprule", r"\midrule", r"\bottomrule"]
+    columns = len(lines[0][len(r"\begin{tabular}{"):-1])
+    header = _latex_cells(lines[2])
+    assert len(header) == columns == 7 and r"Top-1 (\%)" in [c.strip() for c in header]
+    rows = [_latex_cells(line) for line in lines[4:-2]]
+    assert rows and all(len(r) == columns for r in rows)
+    df = table(run_copy)
+    dense, sparse = _trial(df, 1.0, SMALL), _trial(df, 0.25, LARGE)   # the two completed trials
+    ids = [r[-1].strip() for r in rows]
+    assert ids == [t.replace("_", r"\_") for t in (dense["trial_id"], sparse["trial_id"])]
+    assert "_" in dense["trial_id"] and r"\_" in ids[0]   # Ray's grid ids: <5 hex>_<5 digits>, escaped
+    assert rows[0][0].strip() == "1.00 (baseline)" and rows[0][4].strip() == f"{dense['top1']:.2f}"
+    assert rows[1][0].strip() == "0.25" and rows[1][3].strip() == f"{sparse['macs_ratio']:.3f}"
+    assert not [p for p in out.parent.iterdir() if p.name != "table.tex"]   # no temporary file left
+    assert (run_copy / "report.md").is_file()
+
+
+def test_report_latex_to_a_path_that_cannot_be_written_is_one_line(run_copy, tmp_path, capsys):
+    from gatetune.tuning.cli import main
+    where = tmp_path / "out"
+    where.mkdir()
+    blocker = where / "a-file"
+    blocker.write_text("")
+    for bad in (blocker / "table.tex", where):   # under a file; a folder
+        assert main(["report", str(run_copy), "--latex", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"gatetune report: error: {bad}: cannot write it (")
+        assert err.rstrip().endswith("give a file path whose folder exists or can be created, and that you can "
+                                     "write to")
+    assert not (run_copy / "report.md").exists()   # nothing written before the mistake was found
+    assert sorted(p.name for p in where.iterdir()) == ["a-file"]   # no temporary file left
+
+
+def test_the_figure_of_a_real_folder(run_dir):
+    """Main views scaled to the two completed trials (82% and 79%), the stopped (epoch-1 60% and 55%) and the
+    diverged (10%) trials in the strip below, the completed dense trial as the baseline line."""
+    from gatetune.results import pareto_figure
+    df = table(run_dir)
+    fig = pareto_figure(df, "search")
+    axes = {ax.get_gid(): ax for ax in fig.axes}
+    for x in ("macs_ratio", "density"):
+        bottom, top = axes[f"main-{x}"].get_ylim()
+        assert 75 < bottom < 79 and 82 < top < 86
+        main = {tuple(p) for c in axes[f"main-{x}"].collections for p in c.get_offsets().tolist()}
+        strip = {tuple(p) for c in axes[f"others-{x}"].collections for p in c.get_offsets().tolist()}
+        for _, row in df[df["top1"].notna()].iterrows():
+            assert ((row[x], row["top1"]) in main) == (row["status"] == "completed"), row["trial_id"]
+            assert ((row[x], row["top1"]) in strip) == (row["status"] != "completed"), row["trial_id"]
+        (line,) = [line for line in axes[f"main-{x}"].lines if line.get_gid() == "dense-baseline"]
+        assert line.get_ydata()[0] == _trial(df, 1.0, SMALL)["top1"] == 82.0

@@ -5,7 +5,7 @@
     gatetune layers MODEL                                 gate sites: name, aliases, C_in, C_out, dense MACs
     gatetune search CONFIG [key=value ...] [--address A] [--name N] [--storage P]
     gatetune resume RUN_DIR                               continue an interrupted search
-    gatetune report RUN_DIR [--csv F] [--markdown F]      density/accuracy table of a search
+    gatetune report RUN_DIR [--csv F] [--markdown F] [--latex F]   density/accuracy table of a search
 
 User mistakes print one line (file, key, fix) and exit with status 2 before any work starts.
 """
@@ -66,8 +66,9 @@ def _parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("report", help="density/accuracy table of a search folder (Ray need not run)")
     rp.add_argument("run_dir")
-    rp.add_argument("--csv")
-    rp.add_argument("--markdown")
+    rp.add_argument("--csv", help="the table as CSV here (default RUN_DIR/report.csv)")
+    rp.add_argument("--markdown", help="report.md here (default RUN_DIR/report.md)")
+    rp.add_argument("--latex", metavar="F", help="also the density/accuracy table as a LaTeX tabular (booktabs) in F")
     return p
 
 
@@ -144,8 +145,10 @@ def _resume(a) -> None:
 
 def _report(a) -> None:
     from gatetune import results
-    df = results.write_report(a.run_dir, csv=a.csv, markdown=a.markdown)
+    df = results.write_report(a.run_dir, csv=a.csv, markdown=a.markdown, latex=a.latex)
     print(results.summary_markdown(df))
+    if a.latex:
+        print(f"LaTeX table: {a.latex}")
 
 
 def main(argv: list[str] | None = None) -> int:
