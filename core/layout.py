@@ -16,10 +16,12 @@ gatetune's own files:
                                       result.json (one line per epoch),
         checkpoint_NNNNNN/state.pt    its epoch checkpoints (the newest train.keep_checkpoints),
         latency.json                  latency_ratio of one checkpoint (Pareto trials)
+    <run>/wandb/offline-run-*      W&B's own run folders (search.track.wandb without a dir; offline: for `wandb sync`)
 
 `gatetune train` writes a smaller folder (default runs/<name>):
 
     <run>/config.yaml, metrics.csv, checkpoints/epoch_NNN.pt
+    <run>/wandb/                   W&B's, with search.track.wandb in the config (as a search's)
 """
 from __future__ import annotations
 

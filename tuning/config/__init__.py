@@ -8,7 +8,8 @@ Four jobs, one module each:
     loader       YAML files, `_import`, dotted overrides, the notebook's Mayo files (mayo.py)
     validate     raw dict -> Config, every mistake as one UserError line (file, key, fix); no I/O
     environment  the weights file, data root and GPU, once per command
-plus resolve.py, what a valid config means for a network (site specs, training phases).
+plus resolve.py, what a valid config means for a network (site specs, training phases), and track.py,
+search.track's keys (MLflow, W&B) and their checks.
 """
 from gatetune.core.dotted import config_diff, get_dotted, set_dotted
 from gatetune.tuning.config.environment import check_environment

@@ -1,4 +1,4 @@
-"""Checks of the machine a config runs on: the weights file, the data root, the GPU. Run once per
+"""Checks of the machine a config runs on: the weights file, the data root, the GPU, the trackers. Run once per
 command (`gatetune train`, `search`, `resume`), never per space value or per trial; a trial on a node
 that lacks the data still fails with the data layer's one-line DataError."""
 from __future__ import annotations
@@ -9,10 +9,12 @@ from pathlib import Path
 
 from gatetune.core.errors import UserError
 from gatetune.tuning.config.schema import Config
+from gatetune.tuning.config.track import check_trackers
 
 
 def check_environment(cfg: Config, file: str | None = None) -> None:
-    """UserError (file, key, fix) if the weights file, the dataset or a requested GPU is missing here."""
+    """UserError (file, key, fix) if the weights file, the dataset or a requested GPU is missing here, or an
+    experiment tracker of search.track cannot work from here (config/track.py)."""
     from gatetune.tuning import data
 
     def fail(key: str, msg: str):
@@ -36,3 +38,4 @@ def check_environment(cfg: Config, file: str | None = None) -> None:
     except data.DataError as e:
         raise e.at(file=file or cfg.source(e.key or "data"), key="data.dataset") from None
     cfg.add_notices(notices)
+    check_trackers(cfg.search.track if cfg.search else None, fail)

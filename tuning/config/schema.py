@@ -15,6 +15,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
+from gatetune.tuning.config.track import TrackCfg
+
 
 class _Strict(BaseModel):
     # Unknown keys are errors (the notebook's `trainbale` was silently ignored); no str->number coercion;
@@ -219,6 +221,8 @@ class SearchCfg(_Strict):
     start_from: list[str] | None = None
     """Known-good configs (gatetune or the notebook's Mayo gating files) whose values of the searched keys
     Optuna evaluates first (points to evaluate); paths relative to the file that names them."""
+    track: TrackCfg | None = None
+    """Experiment trackers (MLflow, W&B) the search logs to; `gatetune train` of the file logs its run too."""
 
 
 class Config(_Strict):

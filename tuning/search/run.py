@@ -7,7 +7,8 @@
                       seeded, the study in memory and pickled with Ray's snapshot; optuna.db its export),
           ASHA on top1 with time attribute `epoch` (or FIFO, or ASHA per density bucket),
           RunConfig(storage/name, FailureConfig(max_failures), callbacks: PruneCheckpoints (the newest
-                    train.keep_checkpoints per trial), KeepState (local run folders)))
+                    train.keep_checkpoints per trial), KeepState (local run folders), search.track's
+                    MLflow / W&B loggers (track.py)))
 
     run_dir, ok = run_search(load("search_spaces/quickstart.yaml"), storage="/abs/runs", name="q1",
                              callbacks=[MyTuneCallback()], reuse_actors=True)
@@ -42,6 +43,7 @@ from gatetune.tuning import config as C
 from gatetune.tuning import data
 from gatetune.tuning.search import schedulers
 from gatetune.tuning.search import space as S
+from gatetune.tuning.search import track
 from gatetune.tuning.search.console import Console, close_all, summary
 from gatetune.tuning.search.live import TrialCounts
 from gatetune.tuning.search.snapshot import KeepState, recover
@@ -183,7 +185,7 @@ def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_act
             callbacks=[Console(plan.max_epochs, run=name, base=plan.base, expected=_num_samples(plan),
                                buckets=plan.density_buckets, concurrency=concurrency), TrialCounts(cfg.name, plan.base),
                        PruneCheckpoints(store, cfg.train.keep_checkpoints), *([] if store.remote else [KeepState(run_dir)]),
-                       *callbacks]),
+                       *track.callbacks(plan, run_dir), *callbacks]),
     )
 
 
@@ -207,6 +209,7 @@ def _finish(run_dir: str, results, plan: S.SearchPlan, started: float) -> bool:
     if front:   # the confirmed front, what the search was for
         print(f"\nfront over {int(df['n_seeds'].max())} seeds; {R.baseline_line(df)}\n{front}")
     print(f"\nreport: {RunStore(run_dir).uri(layout.REPORT_CSV)}, {layout.REPORT_MD}, {layout.PARETO_PNG}")
+    track.finish(plan, run_dir, df)   # search.track: each trial's status, gate_health, pareto, checkpoint; never raises
     if len(df) and (df["status"] == "error").all():
         print(f"every trial failed: see error.txt in the trial folders of {run_dir}")
         return False

@@ -3,7 +3,8 @@
 A run folder (default runs/<name>) holds config.yaml (the resolved config), metrics.csv (one row per
 epoch) and checkpoints/epoch_NNN.pt (core.layout). Running the same command again resumes after the
 last good checkpoint; a folder holding a run of a different config is refused, so nothing written is
-lost. train.processes=N trains data-parallel in N processes (one per GPU, or CPU processes).
+lost. train.processes=N trains data-parallel in N processes (one per GPU, or CPU processes). With
+search.track in the config, the run is also logged to MLflow / W&B (tuning/train/track.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from gatetune.core.dotted import config_diff
 from gatetune.core.errors import UserError
 from gatetune.core.storage import RunStore
 from gatetune.tuning.train import checkpoint as ckpt
+from gatetune.tuning.train.track import RunTracker
 from gatetune.tuning import config as C
 
 
@@ -49,6 +51,7 @@ def train_run(cfg: C.Config, out: str | Path, progress: bool = True) -> tuple[Pa
         return out, resume["history"][-1]
     rows = list((resume or {}).get("history", []))
     started = False
+    tracker = RunTracker(cfg, out)   # search.track of the config: MLflow / W&B (tuning/train/track.py)
 
     def on_epoch(metrics: dict, state: dict | None):
         nonlocal rows, started
@@ -67,7 +70,8 @@ def train_run(cfg: C.Config, out: str | Path, progress: bool = True) -> tuple[Pa
             raise UserError(f"cannot write the epoch-{metrics['epoch']:g} checkpoint ({e.strerror or e}); the last "
                             f"checkpoint ({kept}) is intact: free space or fix the folder, then run the same command "
                             "again to resume", file=str(folder.ckpt_dir)) from None
+        tracker.epoch(metrics)
 
     if resume is not None:
         print(f"resuming {out} after epoch {resume['epoch']}")
-    return out, fit_any(cfg, on_epoch, resume=resume, progress=progress)
+    return out, tracker.run(lambda: fit_any(cfg, on_epoch, resume=resume, progress=progress))
