@@ -2,7 +2,7 @@
 and the summary at the end."""
 from __future__ import annotations
 
-__all__ = ["Console", "summary", "progress_line", "label", "close_all", "terminal", "ended_line"]
+__all__ = ["Console", "summary", "progress_line", "label", "settings", "close_all", "terminal", "ended_line"]
 
 import os
 import sys
@@ -20,14 +20,18 @@ _SHOWN = (("gating.density", "d", "{:.2f}"), ("gating.gate", "gate", "{}"), ("ga
 
 def label(trial_id: str, config: dict) -> str:
     """`trial 9aa2fbe5 d=0.50 gate=all`: the trial id and its key sampled settings."""
+    return " ".join(filter(None, [f"trial {trial_id}", settings(config)]))
+
+
+def settings(config: dict) -> str:
+    """`d=0.50 gate=all w=1.0e-06 lr=0.107`: a trial's key sampled settings (at most four)."""
     def text(fmt, v):
         v = ",".join(map(str, v)) if isinstance(v, list) else v
         try:
             return fmt.format(v)
         except (ValueError, TypeError):
             return str(v)
-    parts = [f"{short}={text(fmt, config[key])}" for key, short, fmt in _SHOWN if key in config]
-    return " ".join([f"trial {trial_id}", *parts[:4]])
+    return " ".join([f"{short}={text(fmt, config[key])}" for key, short, fmt in _SHOWN if key in config][:4])
 
 
 def progress_line(trial_id: str, result: dict, epochs: int) -> str:
@@ -103,11 +107,10 @@ class Console(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         if self._live is None:
             return
-        from gatetune.tuning.search.live import budget
-        last = trial.last_result or {}
-        status = T.classify("TERMINATED", last or None, budget(self.base, trial.config))
-        self._live.console.print(ended_line(trial.trial_id, trial.config, status.value, last,
-                                            budget(self.base, trial.config)), highlight=False)
+        trials = self._view.trials
+        status = trials.status(trial, ray_status="TERMINATED")
+        self._live.console.print(ended_line(trial.trial_id, trial.config, status.value, trial.last_result or {},
+                                            trials.budget(trial)), highlight=False)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         line = f"{trial.trial_id} ERROR (see error.txt in its trial folder)"
@@ -143,10 +146,10 @@ def terminal() -> bool:
 
 def ended_line(trial_id: str, config: dict, status: str, last: dict, epochs) -> str:
     """`9aa2fbe5 completed d=0.50 gate=all: top-1 98.61% at epoch 8/8, density 50.2%`."""
-    settings = label(trial_id, config)[len(f"trial {trial_id}"):].strip()
+    keys = settings(config)
     if "top1" not in last:
-        return f"{trial_id} {status} {settings}: no epoch finished"
-    return (f"{trial_id} {status} {settings}: top-1 {last['top1']:.2f}% at epoch {last.get('epoch', 0):g}/"
+        return f"{trial_id} {status} {keys}: no epoch finished"
+    return (f"{trial_id} {status} {keys}: top-1 {last['top1']:.2f}% at epoch {last.get('epoch', 0):g}/"
             f"{f'{epochs:g}' if epochs else '?'}, density {100 * last.get('density', 1):.1f}%")
 
 

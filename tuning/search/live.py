@@ -12,7 +12,7 @@ its last set, so a thread sets the last values again every few seconds while the
 from __future__ import annotations
 
 __all__ = ["TRIAL_GAUGES", "TrialGauges", "TrialCounts", "TrialProgress", "Board", "board_name", "find_board",
-           "trial_status"]
+           "Statuses"]
 
 import sys
 import threading
@@ -72,13 +72,51 @@ class TrialGauges:
         self._done.set()
 
 
+class Statuses:
+    """What the driver needs of each live Tune trial, worked out once: its budget (train.epochs) and target
+    density from its config over the search's base (a config does not change), and its report status
+    (core.trials.classify on Ray's status and its last result; an ended trial's no longer changes)."""
+
+    def __init__(self, base: dict):
+        self.base = base
+        self._facts: dict[str, tuple] = {}       # trial id -> (budget, target density)
+        self._ended: dict[str, T.Status] = {}    # trial id -> status of an ended trial
+
+    def _of(self, t) -> tuple:
+        if t.trial_id not in self._facts:
+            config = trial_config(self.base, T.config_params(t.config))
+            self._facts[t.trial_id] = (T.epochs_of(config), float((config.get("gating") or {}).get("density", 1.0)))
+        return self._facts[t.trial_id]
+
+    def budget(self, t) -> float | None:
+        return self._of(t)[0]
+
+    def density(self, t) -> float:
+        return self._of(t)[1]
+
+    def status(self, t, ray_status: str | None = None) -> T.Status:
+        """Its status now; ray_status: what Ray's will be (on_trial_complete runs before Ray marks it)."""
+        if (known := self._ended.get(t.trial_id)) is not None:
+            return known
+        status = T.classify(ray_status or str(t.status), t.last_result or None, self.budget(t))
+        if status.ended:
+            self._ended[t.trial_id] = status
+        return status
+
+
 class TrialCounts(Callback):
     """Driver side: `gatetune_trials{run, status}`, the trials per gatetune status (pending, running,
     completed, stopped, diverged, error), set every couple of seconds while the search runs."""
 
     def __init__(self, run: str, base: dict):
         self.run, self.base, self._last = run, base, 0.0
-        self._ended: dict[str, T.Status] = {}   # trial id -> status of an ended trial (it no longer changes)
+        self._statuses = Statuses(base)
+
+    @property
+    def statuses(self) -> Statuses:   # a TrialCounts pickled by an older gatetune has none
+        if "_statuses" not in self.__dict__:
+            self._statuses = Statuses(self.base)
+        return self._statuses
 
     def on_step_begin(self, iteration, trials, **info):
         if time.monotonic() - self._last < 2.0:
@@ -86,27 +124,16 @@ class TrialCounts(Callback):
         self._last = time.monotonic()
         counts = dict.fromkeys(T.STATUSES, 0)
         for t in trials:   # every couple of seconds over every trial: an ended one is worked out once
-            status = self._ended.get(t.trial_id) or self.status(t)
-            if status.ended:
-                self._ended[t.trial_id] = status
-            counts[status.value] += 1
+            counts[self.statuses.status(t).value] += 1
         gauge = _gauge("trials", "trials of the search by status", ("run", "status"))
         for status, n in counts.items():
             gauge.set(n, tags={"run": self.run, "status": status})
 
     def status(self, t) -> T.Status:
-        """The report's status of a live trial (core.trials.classify on Ray's status and last result)."""
-        return trial_status(self.base, t)
-
-
-def trial_status(base: dict, t) -> T.Status:
-    """The report's status of a Tune trial `t` (core.trials.classify on Ray's status and its last result)."""
-    return T.classify(str(t.status), t.last_result or None, budget(base, t.config))
-
-
-def budget(base: dict, config: dict) -> float | None:
-    """A trial's train.epochs (its config over the search's base)."""
-    return T.epochs_of(trial_config(base, T.config_params(config)))
+        """The report's status of a live trial (core.trials.classify on Ray's status and last result), not
+        remembered (on_step_begin remembers through self.statuses)."""
+        budget = T.epochs_of(trial_config(self.base, T.config_params(t.config)))
+        return T.classify(str(t.status), t.last_result or None, budget)
 
 
 def board_name(run: str) -> str:

@@ -16,11 +16,11 @@ from __future__ import annotations
 __all__ = ["View", "duration"]
 
 import time
+from types import SimpleNamespace
 
 from gatetune.core import trials as T
-from gatetune.core.dotted import trial_config
-from gatetune.tuning.search.console import label
-from gatetune.tuning.search.live import budget, trial_status
+from gatetune.tuning.search.console import settings
+from gatetune.tuning.search.live import Statuses
 from gatetune.tuning.search.schedulers import nearest_bucket
 
 _COUNTED = ((T.Status.RUNNING, "running"), (T.Status.COMPLETED, "completed"), (T.Status.STOPPED, "stopped"),
@@ -43,22 +43,14 @@ class View:
     def __init__(self, run: str, base: dict, expected: int, buckets, concurrency: int):
         self.run, self.base, self.expected = run, base, expected
         self.buckets, self.concurrency = list(buckets or []), max(1, concurrency)
-        self._ended: dict[str, T.Status] = {}   # an ended trial's status no longer changes
-
-    def status(self, t) -> T.Status:
-        if t.trial_id in self._ended:
-            return self._ended[t.trial_id]
-        status = trial_status(self.base, t)
-        if status.ended:
-            self._ended[t.trial_id] = status
-        return status
+        self.trials = Statuses(base)   # each trial's budget, density and status, worked out once
 
     def render(self, trials, progress: dict, now: float | None = None):
         from rich.console import Group
         from rich.table import Table
         from rich.text import Text
         now = time.time() if now is None else now
-        statuses = {t.trial_id: self.status(t) for t in trials}
+        statuses = {t.trial_id: self.trials.status(t) for t in trials}
         counts = {s: 0 for s, _ in _COUNTED}
         for s in statuses.values():
             counts[s] = counts.get(s, 0) + 1
@@ -83,12 +75,13 @@ class View:
 
     def _row(self, t, info: dict | None, left: float | None) -> tuple:
         last = t.last_result or {}
-        epochs = budget(self.base, t.config)
+        epochs = self.trials.budget(t)
         done = float(last.get("epoch", 0) or 0)
-        epoch = max(done, float(info["epoch"])) if info and info.get("epoch", -1) >= done else done
-        rate = info.get("images_per_s") if info and info.get("epoch", -1) >= done else last.get("images_per_s")
+        fresh = _inside(info, done)
+        epoch = float(info["epoch"]) if fresh else done
+        rate = info.get("images_per_s") if fresh else last.get("images_per_s")
         role = " dense" if T.is_pretrain(t.config) else f" seed of {T.origin_of(t.config)}" if T.origin_of(t.config) else ""
-        return (f"{t.trial_id}{role}", label(t.trial_id, t.config)[len(f"trial {t.trial_id}"):].strip(),
+        return (f"{t.trial_id}{role}", settings(t.config),
                 f"{epoch:.2f}/{epochs:g}" if epochs else f"{epoch:.2f}",
                 f"{last['top1']:.2f}%" if "top1" in last else "-",
                 f"{100 * last['density']:.1f}%" if "density" in last else "-",
@@ -107,13 +100,13 @@ class View:
     def _left(self, t, info: dict | None, epoch_s: float | None, now: float) -> float | None:
         """Seconds to the end of the trial's budget at its pace."""
         last = t.last_result or {}
-        epochs = budget(self.base, t.config) or 0
+        epochs = self.trials.budget(t) or 0
         done = float(last.get("epoch", 0) or 0)
         mine = float(last["time_this_iter_s"]) if last.get("time_this_iter_s") else (
             float(info["epoch_s"]) if info and info.get("epoch_s") else epoch_s)
         if mine is None:
             return None
-        if info and info.get("epoch", -1) >= done:   # inside an epoch: its rest, then the epochs after it
+        if _inside(info, done):   # inside an epoch: its rest, then the epochs after it
             rest = max(0.0, float(info["epoch_left_s"]) - (now - float(info.get("at", now))))
             return rest + max(0.0, epochs - int(info["epoch"]) - 1) * mine
         return max(0.0, epochs - done) * mine
@@ -123,8 +116,8 @@ class View:
             return "expected end: after the first epochs"
         pending = [t for t in trials if statuses[t.trial_id] == T.Status.PENDING]
         work = sum(v for v in lefts.values() if v is not None)
-        work += sum((budget(self.base, t.config) or 0) * epoch_s for t in pending)
-        work += unborn * (budget(self.base, {}) or 0) * epoch_s
+        work += sum((self.trials.budget(t) or 0) * epoch_s for t in pending)
+        work += unborn * (self.trials.budget(_UNBORN) or 0) * epoch_s
         left = work / self.concurrency
         return f"expected end {time.strftime('%H:%M', time.localtime(now + left))} (in {duration(left)}; early stops make it sooner)"
 
@@ -135,9 +128,17 @@ class View:
             last = t.last_result or {}
             if "top1" not in last or statuses[t.trial_id] in (T.Status.DIVERGED, T.Status.ERROR) or T.is_pretrain(t.config):
                 continue
-            d = float(trial_config(self.base, T.config_params(t.config))["gating"]["density"])
+            d = self.trials.density(t)
             b = nearest_bucket(self.buckets, d) if self.buckets else d
             best[b] = max(best.get(b, float("-inf")), float(last["top1"]))
         if not best:
             return "best top-1 by density: none yet"
         return "best top-1 by density: " + " | ".join(f"{b:g} {v:.2f}%" for b, v in sorted(best.items()))
+
+
+_UNBORN = SimpleNamespace(trial_id="", config={})   # a trial the searcher has not proposed yet: the base's budget
+
+
+def _inside(info: dict | None, done: float) -> bool:
+    """The Board's news of a trial is newer than its last result (it is inside the epoch after it)."""
+    return bool(info) and info.get("epoch", -1) >= done
