@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from gatetune.core import layout
 from gatetune.core import trials as T
 from gatetune.core.dotted import flatten
 from gatetune.core.errors import first_line
@@ -173,10 +172,9 @@ class RunTracker:
 
     def _checkpoint(self) -> str:
         """The newest epoch checkpoint of the run folder ("" if none)."""
-        folder = self.out / layout.CHECKPOINTS
-        files = sorted((int(m.group(1)), p) for p in folder.glob("epoch_*.pt")
-                       if (m := layout.EPOCH_FILE.fullmatch(p.name))) if folder.is_dir() else []
-        return str(files[-1][1]) if files else ""
+        from gatetune.tuning.train.checkpoint import RunFolder
+        files = RunFolder(self.out).checkpoints()   # oldest first
+        return str(files[-1]) if files else ""
 
     def _guard(self, name: str, do: Callable[[], object]) -> None:
         """do(); a tracker that fails is one warning line and is not used again in this run."""
