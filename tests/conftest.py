@@ -1,8 +1,12 @@
 """Shared fixtures. Tests run on CPU; Ray tests share one local 2-CPU instance per module that asks."""
 import os
+import sys
 
 import pytest
 import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from loopback import free_port  # noqa: E402  (tests import it from here)
 
 # A local ray.init() turns token auth on and writes ~/.ray/auth_token (Ray >= 2.59); tests opt out so
 # their behaviour does not depend on that file. Trials keep the working directory (relative paths).
@@ -28,13 +32,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +74,26 @@ def s3_bucket(s3_server, request):
     name = "gt-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
     fs.S3FileSystem(endpoint_override=s3_server, allow_bucket_creation=True).create_dir(name)
     return f"s3://{name}"
+
+
+def s3(uri: str):
+    """(pyarrow filesystem, path) of an s3:// URI."""
+    from pyarrow import fs
+    return fs.FileSystem.from_uri(uri)
+
+
+def s3_files(uri: str) -> list[str]:
+    """Every file under an s3:// URI, relative to it ([] when there is none)."""
+    from pyarrow import fs
+    remote, root = s3(uri)
+    try:
+        return [i.path[len(root):].lstrip("/") for i in remote.get_file_info(fs.FileSelector(root, recursive=True))]
+    except FileNotFoundError:
+        return []
+
+
+def s3_read(uri: str, rel: str) -> str:
+    """The text of the file `rel` under an s3:// URI."""
+    remote, root = s3(uri)
+    with remote.open_input_stream(f"{root}/{rel}") as f:
+        return f.read().decode()

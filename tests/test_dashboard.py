@@ -190,13 +190,13 @@ class Prometheus:
 def test_ray_job_submit_carries_the_metadata_gatetune_prints(tmp_path):
     """The README's cluster recipe: `gatetune search ... --job-metadata` into `ray job submit --metadata-json`;
     the job runs the search on the cluster and `ray job list` shows it by name, with its run folder."""
-    from test_s3_cluster import GATETUNE, RAY, LoopbackCluster, _env
+    from loopback import GATETUNE, RAY, LoopbackCluster, env as _env
     args = [QUICK, "train.epochs=1", "search.num_samples=2", "search.scheduler.name=fifo", "--name", "sub",
             "--storage", str(tmp_path)]
     meta = subprocess.run([*GATETUNE, "search", *args, "--job-metadata"], env=_env(), capture_output=True,
                           text=True, timeout=120)
     assert meta.returncode == 0 and json.loads(meta.stdout)["job_name"] == "gatetune search sub", meta.stderr
-    cluster = LoopbackCluster(worker=False, dashboard=True)
+    cluster = LoopbackCluster(workers=0, head_cpus=2, dashboard=True)
     try:
         r = subprocess.run([*RAY, "job", "submit", "--address", cluster.dashboard, "--metadata-json", meta.stdout.strip(),
                             "--", *GATETUNE, "search", *args, "--address", "auto"],
