@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: install test test-slow demo demo-pareto demo-cifar bench bench-gpu clean
+.PHONY: install test test-slow demo demo-pareto demo-cifar bench bench-gpu chaos clean
 install: $(STAMP)
 
 test: $(STAMP)
@@ -49,6 +49,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/vs_optuna.py
 	$(BIN)/python bench/ladder.py
+
+# The chaos soak: 100 trials on a loopback Ray cluster (a head, two worker nodes) without faults, with a worker node
+# SIGKILLed every 15-30 s, and with the driver SIGKILLed once too (~20 min on 2 cores; `--long`: 1,000 trials, hours).
+chaos: $(STAMP)
+	$(BIN)/python bench/chaos.py $(CHAOS_ARGS)
 
 # The same on a CUDA machine (AMP and channels-last where a bench has them), plus resnet20's training
 # throughput alone and with four trials sharing one GPU, and the CIFAR-10 recipes (search_spaces/cifar10_*.yaml)

@@ -12,7 +12,8 @@ or beside a live search. File names are core.layout's. What is read, and why:
   tests/test_internals.py), never from `error.txt` (written also for trials that failed once and
   recovered). Without one (a search that has not snapshotted yet), the status is inferred from the
   result files.
-- `decisions.jsonl` (written by gatetune's schedulers): why a trial was stopped early.
+- `decisions.jsonl` (written by gatetune's schedulers): why a trial was stopped early; and (written by
+  `gatetune resume`) the trials a lost driver started after its last snapshot, which the report leaves out.
 - `<trial>/latency.json` (written at the end of a search for the Pareto trials): `latency_ratio`
   measured on one checkpoint; used only while that checkpoint is still the trial's latest.
 Paths inside Ray's files are absolute and go stale when a folder is copied, so everything is
@@ -56,6 +57,7 @@ class Run:
     ray: dict[str, dict]  # trial_id -> {"status", "dir", "config"} from the newest experiment_state
     decisions: dict[str, str]  # trial_id -> stopped_by, from decisions.jsonl
     where: str = ""  # the run folder as the user named it (a path or s3://...); "" = path
+    left_out: frozenset[str] = frozenset()  # trials a lost driver started after its last snapshot (resume says)
 
     @property
     def name(self) -> str:
@@ -93,7 +95,8 @@ def open_run(run_dir) -> Run:
     if ray is None and not _trial_dirs(path):
         raise ReportError(f"{path}: no trials yet (no {STATE_GLOB}, no trial folders); the search writes "
                           "its first snapshot about 10 s after it starts: wait, or check that it runs")
-    return Run(path, _read_config(path / CONFIG_FILE), ray or {}, _read_decisions(path / DECISIONS_FILE))
+    return Run(path, _read_config(path / CONFIG_FILE), ray or {}, _read_decisions(path / DECISIONS_FILE),
+               left_out=_read_left_out(path / DECISIONS_FILE))
 
 
 def _not_a_run(path: Path, has_state: bool) -> str:
@@ -139,6 +142,11 @@ def _read_decisions(file: Path) -> dict[str, str]:
     return decisions
 
 
+def _read_left_out(file: Path) -> frozenset[str]:
+    """Trials `gatetune resume` found a lost driver had started after its last snapshot: not in the search."""
+    return frozenset(str(r["trial_id"]) for r in _json_lines(file) if r.get("trial_id") and r.get("left_out"))
+
+
 def _json_lines(file: Path) -> list[dict]:
     """Parsed lines of a JSON-lines file; a half-written line of a live search is skipped."""
     if not file.is_file():
@@ -166,7 +174,10 @@ def collect_run(run: Run) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     for d in _trial_dirs(run.path):
         if run.ray and d.name not in by_dir and not _json_lines(d / RESULT_FILE):
             continue   # a trial a crashed driver created after its last snapshot: the resumed search never ran it
-        found.setdefault(by_dir.get(d.name) or _id_from_files(d), d)
+        tid = by_dir.get(d.name) or _id_from_files(d)
+        if tid in run.left_out and tid not in run.ray:
+            continue   # the same, with results: `gatetune resume` recorded it in decisions.jsonl
+        found.setdefault(tid, d)
     searched = list(run.config.get("space") or {})
     rows, records = [], []
     for tid in sorted(set(found) | set(run.ray)):

@@ -55,7 +55,10 @@ def test_plan_processes_and_backend(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert world(cfg, gpus_granted=2) == (2, "nccl")      # a trial uses every GPU it was granted
-    assert world(cfg, gpus_granted=1) == (1, "nccl")
+    assert world(cfg, gpus_granted=1) == (1, "nccl")      # (a fraction of a GPU is one id: one process)
+    assert world(cfg, gpus_granted=0) == (1, "gloo")      # a trial without a GPU on a GPU node: the CPU
+    assert world(two, gpus_granted=4) == (2, "nccl")      # train.processes below the grant: that many
+    assert world(C.load(DIGITS, ["train.device=cpu"]), gpus_granted=2) == (1, "gloo")
     assert world(cfg) == (1, "nccl")                      # gatetune train: one GPU unless asked
     assert world(two) == (2, "nccl")
     with pytest.raises(UserError, match="2 processes need one GPU each"):
@@ -108,8 +111,19 @@ def test_two_gloo_processes_train_digits(tmp_path, monkeypatch):
     from the epoch-1 checkpoint through `gatetune train`'s path and get the same weights."""
     monkeypatch.setenv("GATETUNE_PROGRESS_S", "0.05")   # the ranks inherit it
     cfg = C.load(DIGITS, ["train.epochs=2", "train.batch_size=32", "train.processes=2", "train.threads=1"])
-    got, probe, ticks = [], [], []
-    last = fit_distributed(cfg, lambda m, s: got.append((m, s)), 2, "gloo", probe=probe, on_progress=ticks.append)
+    got, probe, ticks, placed = [], [], [], []
+
+    def on_epoch(m, s):
+        assert placed, "on_placement before the first epoch"
+        got.append((m, s))
+
+    with monkeypatch.context() as m:   # the ranks only (this process may meet CUDA later): as Ray sets it for a
+        m.setenv("CUDA_VISIBLE_DEVICES", "5,7")   # trial granted GPUs 5 and 7
+        last = fit_distributed(cfg, on_epoch, 2, "gloo", probe=probe, on_progress=ticks.append,
+                               on_placement=placed.append)
+
+    # each rank said where it trains, once, read from its own environment
+    assert placed == [[{"rank": 0, "device": "cpu", "gpu_id": "5"}, {"rank": 1, "device": "cpu", "gpu_id": "7"}]]
 
     # rank 0's progress inside an epoch reached this process, between the epochs
     assert ticks and all(t["epoch"] != int(t["epoch"]) and t["images_per_s"] > 0 for t in ticks), ticks

@@ -175,3 +175,28 @@ def test_torch_module_internals():
     out = torch.mkldnn_convolution(x, w, torch.zeros(3), (1, 1), (1, 1), (1, 1), 1)
     assert torch.allclose(out, torch.nn.functional.conv2d(x, w, padding=1), atol=1e-5), (
         "torch.mkldnn_convolution's arguments changed: update models/inference/skip_gate.py")
+
+
+def test_checkpoint_index_reset_makes_a_report_retry_write_the_same_folder(tmp_path, ray_local):
+    """tuning/search/outage.py report_retrying: Ray counts get_session().storage.current_checkpoint_index up
+    before it uploads a reported checkpoint; setting it back before a retried tune.report makes the retry
+    write the same checkpoint_<index> folder."""
+    from ray import tune
+    from ray.train._internal.session import get_session
+
+    def trainable(config):
+        storage = get_session().storage
+        index = storage.current_checkpoint_index
+        for value in (1.0, 2.0):
+            storage.current_checkpoint_index = index
+            d = tmp_path / f"c{value:g}"
+            d.mkdir()
+            (d / "x.txt").write_text(f"{value:g}")
+            tune.report({"epoch": 1.0, "top1": value}, checkpoint=tune.Checkpoint.from_directory(str(d)))
+
+    tune.Tuner(trainable, run_config=tune.RunConfig(name="ix", storage_path=str(tmp_path / "runs"), verbose=0)).fit()
+    (trial,) = [d for d in (tmp_path / "runs" / "ix").iterdir() if d.is_dir()]
+    folders = sorted(p.name for p in trial.glob("checkpoint_*"))
+    msg = "Ray's checkpoint index moved: update tuning/search/outage.py (report_retrying)"
+    assert folders == ["checkpoint_000000"], msg
+    assert (trial / "checkpoint_000000" / "x.txt").read_text() == "2", msg

@@ -77,6 +77,15 @@ def test_worker_node_dies_mid_trial(tmp_path):
     for d in run_dir.glob("trial_*"):
         ep = _epochs(d)
         assert ep[-1] == 4.0 and len(ep) - len(set(ep)) <= 1      # at most one epoch ran twice
+    # the first result of each (re)start says where it ran: the trial that lost its node, the node it moved to
+    trial_of = (lambda t: json.loads(t) if isinstance(t, str) else t)
+    restarted = {trial_of(t)["trial_id"] for t, meta in state["trial_data"] if json.loads(meta)["num_failures"]}
+    for d in run_dir.glob("trial_*"):
+        nodes = [json.loads(line)["placement"]["node_id"] for line in open(d / "result.json") if '"placement"' in line]
+        if d.name.removeprefix("trial_") in restarted:
+            assert len(nodes) >= 2 and nodes[-1] != nodes[0], nodes
+        else:
+            assert len(nodes) == 1, nodes
 
 
 @pytest.mark.slow

@@ -89,3 +89,27 @@ def test_resume_of_a_folder_from_another_gatetune_version_is_one_line(tmp_path):
     with pytest.raises(UserError, match="written by another gatetune version .*gatetune.tuning.searcher") as e:
         resume_search(str(run))
     assert "\n" not in str(e.value) and (run / f"searcher-state-{S1}.pkl").is_file()
+
+
+def test_trials_a_lost_driver_started_after_its_snapshot_are_found_and_left_out_of_the_report(tmp_path):
+    """A driver SIGKILLed seconds after its last snapshot leaves trial folders with results that the snapshot
+    does not name: the resumed search never runs them (its searcher samples others), so the report must not
+    count them, and their folders stay."""
+    from gatetune.core.storage import RunStore
+    from gatetune.results import collect
+    from gatetune.tuning.search.snapshot import leave_out, left_out
+    (tmp_path / "gatetune.yaml").write_text("name: r\n")
+    (tmp_path / f"experiment_state-{S1}.json").write_text(json.dumps({"trial_data": [
+        [json.dumps({"trial_id": t, "status": "TERMINATED", "relative_logdir": f"trial_{t}", "config": {}}), "{}"]
+        for t in ("aaaa0001", "aaaa0002")]}))
+    for t, epochs in (("aaaa0001", 2), ("aaaa0002", 2), ("bbbb0009", 1), ("bbbb0008", 0)):
+        (tmp_path / f"trial_{t}").mkdir()
+        (tmp_path / f"trial_{t}" / "result.json").write_text(
+            "".join(json.dumps({"trial_id": t, "epoch": float(e), "top1": 50.0}) + "\n" for e in range(1, epochs + 1)))
+    assert left_out(RunStore(tmp_path)) == ["bbbb0009"]     # bbbb0008 has no results: the report skips it already
+    assert sorted(collect(tmp_path)[0]["trial_id"]) == ["aaaa0001", "aaaa0002", "bbbb0009"]   # before the resume
+    assert "1 trial(s) started after the lost driver's last snapshot" in leave_out(RunStore(tmp_path))
+    assert sorted(collect(tmp_path)[0]["trial_id"]) == ["aaaa0001", "aaaa0002"]
+    assert (tmp_path / "trial_bbbb0009" / "result.json").is_file()
+    assert leave_out(RunStore(tmp_path)) is None            # a second resume records nothing new
+    assert (tmp_path / "decisions.jsonl").read_text().count("bbbb0009") == 1

@@ -125,7 +125,7 @@ class TrainCfg(_Strict):
     """A gate loss above this (or NaN/inf) marks the run diverged and stops it."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
-    """bf16 autocast and channels-last on CUDA (ignored on CPU)."""
+    """bf16 autocast and channels-last on CUDA (no effect on CPU; set true for a CPU run, a notice says so)."""
     threads: int | None = Field(None, ge=1)
     """CPU threads for torch (default: what Ray grants the trial, else torch's default)."""
     keep_checkpoints: int = Field(2, ge=1)
@@ -208,6 +208,9 @@ class SearchCfg(_Strict):
     max_failures: int = Field(3, ge=0)
     """Retries of a trial whose worker or node died; it resumes from its last epoch checkpoint."""
     time_budget_s: float | None = Field(None, gt=0)
+    storage_timeout_s: float = Field(600, gt=0)
+    """How long an s3:// (gs://) run folder may not answer: trials wait as long to store a checkpoint, then the
+    search stops with one line (`gatetune resume` goes on)."""
     confirm: ConfirmCfg | None = None
     """e.g. {seeds: 3, front: pareto}: after the search, the front's configs train again with more seeds, as Ray
     trials of the same run (never stopped early); the report gives their mean and std over seeds."""
@@ -256,9 +259,9 @@ class Config(_Strict):
         self._notices += [n for n in notices if n not in self._notices]
         return self
 
-    def source(self, key: str, default: str = "config") -> str:
-        """The file (or command-line override) that set a dotted key, for error messages."""
-        return source_of(key, self._sources) or default
+    def source(self, key: str, default: str | None = "config", exact: bool = False) -> str | None:
+        """The file (or command-line override) that set a dotted key (exact: the key itself, not a section above it)."""
+        return (self._sources.get(key) if exact else source_of(key, self._sources)) or default
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,6 +151,11 @@ def _check_names(cfg: Config, file_of) -> None:
                              "or train.device=auto")
     if cfg.search is None:
         return
+    for key, r in (("search.resources", cfg.search.resources),
+                   ("search.pretrain.resources", cfg.search.pretrain and cfg.search.pretrain.resources)):
+        if r is not None and r.gpu > 1 and r.gpu != int(r.gpu):   # Ray refuses it only once a trial starts
+            fail(f"{key}.gpu", f"must be a fraction of one GPU (below 1) or a whole number of GPUs, got {r.gpu:g}; "
+                               f"use e.g. {int(r.gpu)} or {int(r.gpu) + 1}")
     if cfg.search.objectives is not None:
         objs = cfg.search.objectives
         if len(objs) < 2 or any(len(o) != 1 for o in objs):

@@ -38,7 +38,7 @@ from gatetune.core import layout
 from gatetune.core import trials as T
 from gatetune.core.errors import UserError, first_line
 from gatetune.core.storage import RunStore
-from gatetune.tuning.search import cluster
+from gatetune.tuning.search import cluster, outage
 from gatetune.tuning import config as C
 from gatetune.tuning import data
 from gatetune.tuning.search import schedulers
@@ -46,7 +46,7 @@ from gatetune.tuning.search import space as S
 from gatetune.tuning.search import track
 from gatetune.tuning.search.console import Console, close_all, summary
 from gatetune.tuning.search.live import TrialCounts
-from gatetune.tuning.search.snapshot import KeepState, recover
+from gatetune.tuning.search.snapshot import KeepState, leave_out, recover
 
 
 def _run_dir(storage: str | None, name: str) -> str:
@@ -97,7 +97,10 @@ class PruneCheckpoints(Callback):
 
 def _fit(tuner, run_dir: str):
     """tuner.fit(); a run folder that fills up or stops being writable mid-search is one line, not a crash
-    (Ray then fails reading back the error files it could not write)."""
+    (Ray then fails reading back the error files it could not write). A remote run folder that stops answering
+    for a while: outage.py."""
+    if "://" in run_dir:
+        outage.quiet_storage_errors()
     try:
         return tuner.fit()
     except (OSError, EOFError) as e:
@@ -184,7 +187,8 @@ def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_act
             failure_config=tune.FailureConfig(max_failures=srch.max_failures),
             callbacks=[Console(plan.max_epochs, run=name, base=plan.base, expected=_num_samples(plan),
                                buckets=plan.density_buckets, concurrency=concurrency), TrialCounts(cfg.name, plan.base),
-                       PruneCheckpoints(store, cfg.train.keep_checkpoints), *([] if store.remote else [KeepState(run_dir)]),
+                       PruneCheckpoints(store, cfg.train.keep_checkpoints),
+                       *([outage.StorageWatch(store, srch.storage_timeout_s)] if store.remote else [KeepState(run_dir)]),
                        *track.callbacks(plan, run_dir), *callbacks]),
     )
 
@@ -289,6 +293,8 @@ def resume_search(run_dir: str, *, address: str | None = None, dashboard_host: s
     with _same_version(run_dir):
         if not store.remote and (line := recover(run_dir)):
             print(line, file=sys.stderr)
+    if line := leave_out(store):
+        print(line, file=sys.stderr)
     cluster.quiet(verbose)
     dashboard = cluster.connect(address, dashboard_host, cluster.job_metadata(
         cfg.name, run_dir, str(base_file), plan.trials, cfg.search.confirm))

@@ -11,12 +11,16 @@ starts the search afresh: finished trials forgotten, new ones sampled, the run f
                          driver's time
     recover(run_dir)     before a resume: if the newest snapshot is cut short, sets the newest files aside
                          (renamed *.cut-short) and puts the copy back; a UserError if there is no copy
+    leave_out(store)     before a resume: finds the trials a driver that died started after its last snapshot
+                         (left_out: their folders hold results, the snapshot does not name them; the restored
+                         search never runs them, its searcher, restored too, samples others instead) and
+                         records them in decisions.jsonl, which the report reads to leave them out
 
 Only folders on a filesystem need this: object stores (s3://, gs://) write a whole object or nothing.
 """
 from __future__ import annotations
 
-__all__ = ["KeepState", "recover", "STATE_PATTERNS"]
+__all__ = ["KeepState", "leave_out", "left_out", "recover", "STATE_PATTERNS"]
 
 import fnmatch
 import gzip
@@ -30,6 +34,7 @@ from ray.tune import Callback
 
 from gatetune.core import layout
 from gatetune.core.errors import UserError
+from gatetune.core.storage import RunStore
 
 STATE_PATTERNS = ("experiment_state-*.json", "search_gen_state-*.json", "searcher-state-*.pkl",
                   "callback-states-*.pkl")
@@ -148,3 +153,41 @@ def recover(run_dir: str) -> str | None:
             shutil.copyfileobj(src, dst)
     return (f"{run_dir}: the search's newest state was cut short (a full disk?); resuming from the copy kept at "
             f"{time.strftime('%H:%M:%S', time.localtime(os.path.getmtime(copy)))} (the cut files renamed *.cut-short)")
+
+
+def left_out(store: RunStore) -> list[str]:
+    """Ids of the trials whose folders hold results but that the newest experiment_state does not name
+    (trial_<id> folders a lost driver created after its last snapshot); [] without a readable snapshot."""
+    names = store.listdir()
+    states = sorted(fnmatch.filter(names, layout.EXPERIMENT_STATE_GLOB))
+    if not states:
+        return []
+    try:
+        entries = json.loads(store.read_text(states[-1]))["trial_data"]
+        trials = [json.loads(t) if isinstance(t, str) else t for t, _ in entries]
+        known = {os.path.basename(t.get("relative_logdir") or "") for t in trials} | {t["trial_id"] for t in trials}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []   # a snapshot Ray cannot read either: Tuner.restore says so
+    lost = []
+    for name in names:
+        if not name.startswith("trial_") or name in known or name.removeprefix("trial_") in known:
+            continue
+        try:
+            first = store.read_text(f"{name}/{layout.RESULT}").split("\n", 1)[0]
+        except (OSError, FileNotFoundError):
+            continue   # no results: the report leaves such a folder out already
+        if first.strip():
+            lost.append(name.removeprefix("trial_"))
+    return lost
+
+
+def leave_out(store: RunStore) -> str | None:
+    """Record the left_out trials not recorded yet in decisions.jsonl (`{"trial_id", "left_out"}`); a line
+    saying so, or None when there are none. Their folders stay."""
+    known = store.read_text(layout.DECISIONS) if store.exists(layout.DECISIONS) else ""
+    if not (lost := [t for t in left_out(store) if f'"{t}", "left_out"' not in known]):
+        return None
+    why = "started after the lost driver's last snapshot"
+    store.append(layout.DECISIONS, "".join(json.dumps({"trial_id": t, "left_out": why}) + "\n" for t in lost))
+    return (f"{store.where}: {len(lost)} trial(s) started after the lost driver's last snapshot are not part of "
+            f"the resumed search (their folders stay; the report leaves them out): {', '.join(lost)}")

@@ -9,6 +9,11 @@ front's trials that lack one). A trial restarted after its node or worker died g
 report is Train V2 and fails inside Tune). A trial granted N >= 2 GPUs trains data-parallel on them
 (distributed.fit_any decides).
 
+Placement: the first result a trial reports after each (re)start carries `placement` (placement() below: the node,
+Ray's GPU ids for the trial, CUDA_VISIBLE_DEVICES, and each rank's device and physical GPU id as the ranks
+themselves saw them), so a trial restarted on another node records where it went; the worker log's start line
+names the GPU ids.
+
 What a user sees of a trial in the Ray dashboard (docs/design.md, "Watching a search"):
 - the Actors page's Repr column: `trial 9aa2fbe5 d=0.50 gate=all` (TrialLabel). Ray reads it once, when the
   worker starts; with reuse_actors a worker that moves on to the next trial says so in its log;
@@ -20,7 +25,7 @@ What a user sees of a trial in the Ray dashboard (docs/design.md, "Watching a se
 """
 from __future__ import annotations
 
-__all__ = ["trial", "resume_state", "label", "CheckpointWriteError"]
+__all__ = ["trial", "resume_state", "label", "placement", "as_result", "gpu_words", "CheckpointWriteError"]
 
 import os
 import sys
@@ -31,9 +36,10 @@ from pathlib import Path
 from gatetune.core import layout
 from gatetune.core import trials as T
 from gatetune.core.errors import UserError, first_line
+from gatetune.core.storage import is_remote
 from gatetune.tuning.train import checkpoint as ckpt
 from gatetune.tuning import config as C
-from gatetune.tuning.search import live
+from gatetune.tuning.search import live, outage
 from gatetune.tuning.search.console import label, progress_line
 
 class TrialLabel:
@@ -62,6 +68,32 @@ def resume_state(checkpoint_dir: str) -> dict | None:
     return ckpt.read_newest([here, *older])
 
 
+def placement() -> dict:
+    """Where this Ray worker runs: node (hostname), node_id, gpu_ids (ray.get_gpu_ids(), as strings),
+    accelerator_ids (the runtime context's GPU ids), cuda_visible_devices (what Ray set for the trial, ""
+    when unset) and ranks, [] until fit_any's on_placement fills it (ddp.rank_placement's per rank)."""
+    import ray
+    context = ray.get_runtime_context()
+    return {"node": os.uname().nodename, "node_id": context.get_node_id(),
+            "gpu_ids": [str(i) for i in ray.get_gpu_ids()],
+            "accelerator_ids": [str(i) for i in context.get_accelerator_ids().get("GPU", [])],
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""), "ranks": []}
+
+
+def as_result(where: dict) -> dict:
+    """A placement as a Tune result field: its lists as tuples. Ray's TBX logger tries a histogram of every
+    non-empty list in a result and warns that it cannot; it passes over tuples, which the JSON logger
+    (result.json) writes as lists all the same."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in where.items()}
+
+
+def gpu_words(where: dict) -> str:
+    """The start line's words for a placement's GPUs: `, GPU ids 0,1 (CUDA_VISIBLE_DEVICES=0,1)`; "" without."""
+    if not where["gpu_ids"]:
+        return ""
+    return f", GPU ids {','.join(where['gpu_ids'])} (CUDA_VISIBLE_DEVICES={where['cuda_visible_devices']})"
+
+
 class CheckpointWriteError(RuntimeError):
     """A trial's epoch checkpoint could not be written to the run folder (a full disk, no permission): the
     trial stops; its previous checkpoint is intact and `gatetune resume` continues from it."""
@@ -70,7 +102,6 @@ class CheckpointWriteError(RuntimeError):
 def trial(config: dict, base: dict, run_dir: str = "") -> None:
     """config: the sampled dotted keys (and core.trials.TRIAL_KEYS: a seed replica's `confirms`, the trial whose
     weights it starts from under `started_from`); base: the resolved search config; run_dir: the run folder."""
-    import ray
     from ray import tune
 
     from gatetune.tuning.train.distributed import fit_any
@@ -85,8 +116,9 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
     except UserError as e:
         print(f"[{trial_id}] error: {e}", file=sys.stderr, flush=True)
         raise
-    cpus, gpus = context.get_trial_resources().required_resources.get("CPU", 1), len(ray.get_gpu_ids())
-    print(f"[{trial_id}] start: {label(trial_id, config)} on {os.uname().nodename}", file=sys.stderr, flush=True)
+    where = placement()
+    cpus, gpus = context.get_trial_resources().required_resources.get("CPU", 1), len(where["gpu_ids"])
+    print(f"[{trial_id}] start: {label(trial_id, config)} on {where['node']}{gpu_words(where)}", file=sys.stderr, flush=True)
     resume = None
     if (checkpoint := tune.get_checkpoint()) is not None:
         with checkpoint.as_directory() as d:
@@ -95,9 +127,16 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
     gauges = live.TrialGauges(run, trial_id)
     on_progress = live.TrialProgress(trial_id, cfg.train.epochs, gauges, live.find_board(run))
 
+    unsent = [where]   # the placement, until the first report of this (re)start carries it
+
+    def on_placement(ranks: list[dict]) -> None:
+        where["ranks"] = ranks
+
     def report(metrics: dict, state: dict | None) -> None:
         if state is not None and metrics["epoch"] >= cfg.train.epochs and not T.is_pretrain(config):
             metrics = {**metrics, **_latency(trial_id, cfg, state, gpus)}
+        if unsent:   # a copy: `metrics` is also the checkpoint's history entry
+            metrics = {**metrics, "placement": as_result(unsent.pop())}
         print(progress_line(trial_id, metrics, cfg.train.epochs), file=sys.stderr, flush=True)
         gauges.set(metrics)
         if state is None:   # diverged: report without a checkpoint; the trial then ends
@@ -106,7 +145,11 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
         try:
             with tempfile.TemporaryDirectory() as d:
                 ckpt.save_atomic(state, os.path.join(d, layout.CHECKPOINT_STATE), sync=False)   # Ray copies it
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+                checkpoint = tune.Checkpoint.from_directory(d)
+                if is_remote(run_dir):   # an object store that stops answering is waited for (search/outage.py)
+                    outage.report_retrying(trial_id, metrics["epoch"], metrics, checkpoint, cfg.search.storage_timeout_s)
+                else:
+                    tune.report(metrics, checkpoint=checkpoint)
         except OSError as e:
             line = (f"[{trial_id}] cannot write the epoch-{metrics['epoch']:g} checkpoint into {run_dir or 'the run folder'} "
                     f"({e.strerror or first_line(e)}); the previous checkpoint is intact: free space or fix "
@@ -115,8 +158,9 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
             raise CheckpointWriteError(line) from None
 
     try:
-        fit_any(cfg, report, resume=resume, gpus=gpus, threads=max(1, int(cpus)), cached=True, on_progress=on_progress)
-    except CheckpointWriteError:
+        fit_any(cfg, report, resume=resume, gpus=gpus, threads=max(1, int(cpus)), cached=True, on_progress=on_progress,
+                on_placement=on_placement)
+    except (CheckpointWriteError, outage.StorageUnreachable):
         raise   # its one line is in the worker log already
     except UserError as e:   # e.g. this node lacks the data: one line, as the command line would print it
         print(f"[{trial_id}] error: {e}", file=sys.stderr, flush=True)

@@ -7,10 +7,12 @@ on its shard with the network in DistributedDataParallel; rank 0 sends every epo
 - _Replica rebuilds DDP when a training phase changes which parameters train (DDP fixes that at
   construction, a collective every rank reaches at the same step).
 - DistContext.any all-reduces the divergence flag, so every rank stops at the same step.
+- rank_placement says where a rank trains (its device and the physical GPU id behind it); worker() trains
+  there and sends the same record to the caller first, so what a trial records is what the rank did.
 """
 from __future__ import annotations
 
-__all__ = ["ShardedLoader", "FirstBatch", "DistContext", "worker", "dumps", "loads", "TIMEOUT"]
+__all__ = ["ShardedLoader", "FirstBatch", "DistContext", "rank_placement", "worker", "dumps", "loads", "TIMEOUT"]
 
 import dataclasses
 import inspect
@@ -193,15 +195,27 @@ def _portable(e: BaseException) -> BaseException | None:
         return None
 
 
+def rank_placement(rank: int, backend: str) -> dict:
+    """Where rank `rank` trains: {"rank", "device": "cuda:<rank>" (nccl) or "cpu" (gloo), "gpu_id"}. gpu_id is the
+    physical GPU id cuda:<rank> names on this node: the rank-th entry of CUDA_VISIBLE_DEVICES (what Ray sets to
+    a trial's GPU ids), or the rank itself when that is unset and the rank is on CUDA; None when there is no
+    such entry. A gloo rank of a trial that holds GPUs records the id it would use, and trains on the CPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [i.strip() for i in visible.split(",") if i.strip()] if visible is not None else None
+    cuda = backend == "nccl"
+    gpu_id = (ids[rank] if rank < len(ids) else None) if ids is not None else (str(rank) if cuda else None)
+    return {"rank": rank, "device": f"cuda:{rank}" if cuda else "cpu", "gpu_id": gpu_id}
+
+
 def worker(rank: int, world: int, backend: str, init_file: str, cfg: C.Config, resume: bytes | None,
             threads: int | None, progress: bool, probe: bool, parent_pid: int, q, live: bool = False) -> None:
     _die_with_parent(parent_pid)
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-            device = torch.device("cuda", rank)
-        else:
-            device = torch.device("cpu")
+        placement = rank_placement(rank, backend)
+        q.put(("placement", rank, placement))   # first, before any collective (rank 0 reports no epoch before it)
+        device = torch.device(placement["device"])
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         if threads:
             torch.set_num_threads(threads)
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world,

@@ -69,18 +69,24 @@ def world(cfg: C.Config, gpus_granted: int | None = None) -> tuple[int, str]:
 
 def fit_any(cfg: C.Config, on_epoch: Callable[[dict, dict | None], None], *, resume: dict | None = None,
             gpus: int | None = None, threads: int | None = None, progress: bool = False,
-            cached: bool = False, on_progress: Callable[[dict], None] | None = None) -> dict:
+            cached: bool = False, on_progress: Callable[[dict], None] | None = None,
+            on_placement: Callable[[list[dict]], None] | None = None) -> dict:
     """Train cfg the way `world` says: train.fit in this process, or fit_distributed over N ranks.
     gpus: the GPUs a Ray trial was granted (None outside Ray); threads: the CPU threads this run may use
     in all (split between the ranks); cached: keep the dataset in this process (Ray reuses workers);
-    on_progress: train.fit's, called in this process (rank 0's progress, images/s of all ranks)."""
+    on_progress: train.fit's, called in this process (rank 0's progress, images/s of all ranks);
+    on_placement(ranks): called once before the first epoch with one ddp.rank_placement record per rank
+    ({"rank", "device", "gpu_id"}; one process: rank 0, the device it trains on)."""
     processes, backend = world(cfg, gpus)
     threads = threads or torch.get_num_threads()
     if processes > 1:   # train.threads is per rank
         return fit_distributed(cfg, on_epoch, processes, backend, resume=resume, progress=progress,
-                               threads=cfg.train.threads or max(1, threads // processes), on_progress=on_progress)
+                               threads=cfg.train.threads or max(1, threads // processes), on_progress=on_progress,
+                               on_placement=on_placement)
     torch.set_num_threads(cfg.train.threads or threads)
     device = pick_device(cfg, gpu_granted=None if gpus is None else gpus > 0)
+    if on_placement is not None:   # torch.device("cuda") is the current device: cuda:0 in a fresh process
+        on_placement([ddp.rank_placement(0, "nccl" if device.type == "cuda" else "gloo")])
     data = (load_cached if cached else load)(cfg.data, device, seed=cfg.seed)
     return fit(cfg, on_epoch, resume=resume, device=device, data=data, progress=progress, on_progress=on_progress)
 
@@ -91,10 +97,12 @@ def fit_any(cfg: C.Config, on_epoch: Callable[[dict, dict | None], None], *, res
 def fit_distributed(cfg: C.Config, on_epoch: Callable[[dict, dict | None], None], world_size: int,
                     backend: str = "gloo", *, resume: dict | None = None, progress: bool = False,
                     threads: int | None = None, probe: list | None = None,
-                    on_progress: Callable[[dict], None] | None = None) -> dict:
+                    on_progress: Callable[[dict], None] | None = None,
+                    on_placement: Callable[[list[dict]], None] | None = None) -> dict:
     """train.fit on `world_size` processes (backend "nccl": rank r on cuda:r; "gloo": CPU); returns rank
     0's last metrics. on_epoch(metrics, state) is called here, in this process, as train.fit calls it, and so
-    is on_progress (rank 0's, its images/s times the world).
+    is on_progress (rank 0's, its images/s times the world), and on_placement(ranks) once every rank has said
+    where it trains (ddp.rank_placement, in rank order; see _supervise).
     threads: torch threads per rank (default torch's). probe (tests): a list that receives one dict per
     rank, {"rank", "batches": {epoch: [(sum x, sum y, n), ...]}, "params": {name: tensor}}."""
     import multiprocessing as mp
@@ -113,7 +121,7 @@ def fit_distributed(cfg: C.Config, on_epoch: Callable[[dict, dict | None], None]
         try:
             for p in procs:
                 p.start()
-            last, infos = _supervise(procs, q, on_epoch, on_progress)
+            last, infos = _supervise(procs, q, on_epoch, on_progress, on_placement)
         finally:
             _stop(procs)
             q.close()
@@ -123,11 +131,22 @@ def fit_distributed(cfg: C.Config, on_epoch: Callable[[dict, dict | None], None]
     return last
 
 
-def _supervise(procs, q, on_epoch, on_progress=None) -> tuple[dict, dict]:
+def _supervise(procs, q, on_epoch, on_progress=None, on_placement=None) -> tuple[dict, dict]:
     """Relay rank 0's epochs to on_epoch (and its progress to on_progress) until every rank is done; raise
-    the first failure."""
+    the first failure. on_placement hears the ranks' placements once all have come, which is before rank 0's
+    first epoch: each rank sends its own before the collectives that epoch waits on (should one still be in a
+    queue's buffer then, the first epoch brings the placements that came, rather than waiting)."""
     done: dict[int, dict] = {}
     last: dict | None = None
+    placed: dict[int, dict] = {}
+    told = on_placement is None
+
+    def tell(complete: bool) -> None:
+        nonlocal told
+        if not told and (complete or len(placed) == len(procs)):
+            told = True
+            on_placement([placed[r] for r in sorted(placed)])
+
     while len(done) < len(procs):
         try:
             kind, rank, payload = q.get(timeout=0.5)
@@ -140,7 +159,11 @@ def _supervise(procs, q, on_epoch, on_progress=None) -> tuple[dict, dict]:
                 hint = " (out of memory?)" if code == -signal.SIGKILL else ""
                 raise DistributedError(f"rank {r} of {len(procs)} ended ({why}) before finishing{hint}")
             continue
-        if kind == "epoch":
+        if kind == "placement":
+            placed[rank] = payload
+            tell(False)
+        elif kind == "epoch":
+            tell(True)
             metrics, state = ddp.loads(payload)
             on_epoch(metrics, state)
         elif kind == "progress":
