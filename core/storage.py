@@ -151,11 +151,12 @@ class RunStore:
             f.write(text)
         self.upload(copy, rel)
 
-    def prune(self, rel: str, pattern: re.Pattern, keep: int) -> list[str]:
+    def prune(self, rel: str, pattern: re.Pattern, keep: int, below: int | None = None) -> list[str]:
         """Delete all but the newest `keep` entries (files or folders) right below `rel` whose names match
-        `pattern` in full, newest by the number of its first group; returns the names deleted."""
+        `pattern` in full, newest by the number of its first group, and only those numbered under `below` when
+        given; returns the names deleted."""
         numbered = sorted((int(m.group(1)), name) for name in self.listdir(rel) if (m := pattern.fullmatch(name)))
-        old = [name for _, name in numbered[:max(0, len(numbered) - keep)]]
+        old = [name for n, name in numbered[:max(0, len(numbered) - keep)] if below is None or n < below]
         for name in old:
             self.delete(_join(rel, name))
         return old

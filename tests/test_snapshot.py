@@ -106,10 +106,65 @@ def test_trials_a_lost_driver_started_after_its_snapshot_are_found_and_left_out_
         (tmp_path / f"trial_{t}").mkdir()
         (tmp_path / f"trial_{t}" / "result.json").write_text(
             "".join(json.dumps({"trial_id": t, "epoch": float(e), "top1": 50.0}) + "\n" for e in range(1, epochs + 1)))
-    assert left_out(RunStore(tmp_path)) == ["bbbb0009"]     # bbbb0008 has no results: the report skips it already
+    assert sorted(left_out(RunStore(tmp_path))) == ["bbbb0008", "bbbb0009"]   # results yet or not (staging may hold them)
     assert sorted(collect(tmp_path)[0]["trial_id"]) == ["aaaa0001", "aaaa0002", "bbbb0009"]   # before the resume
-    assert "1 trial(s) started after the lost driver's last snapshot" in leave_out(RunStore(tmp_path))
+    assert "2 trial(s) started after the lost driver's last snapshot" in leave_out(RunStore(tmp_path))
     assert sorted(collect(tmp_path)[0]["trial_id"]) == ["aaaa0001", "aaaa0002"]
     assert (tmp_path / "trial_bbbb0009" / "result.json").is_file()
     assert leave_out(RunStore(tmp_path)) is None            # a second resume records nothing new
     assert (tmp_path / "decisions.jsonl").read_text().count("bbbb0009") == 1
+    (tmp_path / "trial_bbbb0008" / "result.json").write_text(json.dumps({"trial_id": "bbbb0008", "epoch": 1.0}) + "\n")
+    assert sorted(collect(tmp_path)[0]["trial_id"]) == ["aaaa0001", "aaaa0002"]   # results arriving later stay out
+
+
+def test_the_lost_drivers_staging_folder_loses_the_left_out_trials_only(tmp_path):
+    """A resumed driver on the lost one's node reuses its staging folder (Ray names it by the search's first
+    start) and would upload the results the lost driver had not: clear_staging removes the left-out trials'
+    folders there, and nothing else."""
+    from gatetune.core.storage import RunStore
+    from gatetune.tuning.search.snapshot import clear_staging
+    run = tmp_path / "runs" / "q1"
+    run.mkdir(parents=True)
+    artifacts = tmp_path / "session" / "artifacts"
+    for search in ("q1", "other"):
+        for t in ("aaaa0001", "bbbb0009"):
+            (artifacts / "2026-11-25_10-00-00" / search / "driver_artifacts" / f"trial_{t}").mkdir(parents=True)
+    gone = clear_staging(RunStore(run), str(artifacts), ["bbbb0009"])
+    assert [os.path.relpath(g, artifacts) for g in gone] == ["2026-11-25_10-00-00/q1/driver_artifacts/trial_bbbb0009"]
+    assert (artifacts / "2026-11-25_10-00-00" / "q1" / "driver_artifacts" / "trial_aaaa0001").is_dir()
+    assert (artifacts / "2026-11-25_10-00-00" / "other" / "driver_artifacts" / "trial_bbbb0009").is_dir()
+
+
+def test_old_checkpoints_go_only_once_no_snapshot_the_run_folder_may_hold_names_them(tmp_path):
+    """The run folder's experiment snapshot lags the driver (uploaded in the background, or the one before
+    when the driver is lost mid-upload) and a resume restores each trial from the checkpoint it names: a
+    checkpoint is deleted only once the snapshot PruneCheckpoints.LAG snapshots back named a newer one, and at
+    the end down to train.keep_checkpoints."""
+    from types import SimpleNamespace
+
+    from gatetune.core.storage import RunStore
+    from gatetune.tuning.search.run import PruneCheckpoints
+    prune, trial = PruneCheckpoints(RunStore(tmp_path), keep=1), SimpleNamespace(trial_id="aaaa0001")
+    folder = tmp_path / "trial_aaaa0001"
+
+    def checkpoint(n):
+        (folder / f"checkpoint_{n:06d}").mkdir(parents=True)
+        prune.on_checkpoint(0, [], trial, SimpleNamespace(path=str(folder / f"checkpoint_{n:06d}")))
+
+    def left():
+        return sorted(int(p.name.split("_")[1]) for p in folder.iterdir())
+
+    checkpoint(0)
+    checkpoint(1)
+    assert prune.get_state() is None and left() == [0, 1]   # snapshot A names 1
+    checkpoint(2)
+    checkpoint(3)
+    prune.get_state()                                       # snapshot B names 3; A may be all the folder has
+    assert left() == [0, 1, 2, 3]
+    checkpoint(4)
+    prune.get_state()                                       # snapshot C: A is uploaded, below its 1 goes
+    assert left() == [1, 2, 3, 4]
+    prune.get_state()                                       # D: B is uploaded, below its 3 goes
+    assert left() == [3, 4]
+    prune.on_experiment_end([])                             # Ray's last snapshot is written: down to keep
+    assert left() == [4]

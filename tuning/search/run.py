@@ -46,7 +46,7 @@ from gatetune.tuning.search import space as S
 from gatetune.tuning.search import track
 from gatetune.tuning.search.console import Console, close_all, summary
 from gatetune.tuning.search.live import TrialCounts
-from gatetune.tuning.search.snapshot import KeepState, leave_out, recover
+from gatetune.tuning.search.snapshot import KeepState, clear_staging, leave_out, left_out, recover
 
 
 def _run_dir(storage: str | None, name: str) -> str:
@@ -81,18 +81,46 @@ def _trainable(cfg: C.Config, base: dict, run_dir: str):
 
 class PruneCheckpoints(Callback):
     """Keeps each trial's newest `keep` checkpoint folders in the run folder (RunStore.prune), deleting older
-    ones as new ones arrive. (Ray's CheckpointConfig(num_to_keep) does this too, but then forces a snapshot of
-    the whole experiment after every checkpoint of a trial with a short epoch: 37 MB of JSON per checkpoint
-    at 1,000 trials.)"""
+    ones as new ones arrive, but none that the run folder's experiment snapshot may still name. Ray's snapshot
+    names each trial's newest checkpoint when it was taken, a resumed search restores the trial from that one,
+    and the snapshot in the run folder lags the driver: Ray uploads it in the background, and a driver lost
+    mid-upload leaves the one before. So a checkpoint is deleted only once it is older than the one the
+    snapshot taken LAG snapshots ago named (get_state runs at each snapshot; Ray waits for one upload before it
+    starts the next), and at the end of the search, after Ray's last snapshot has been written, down to `keep`.
+    (Ray's CheckpointConfig(num_to_keep) deletes at once instead, and forces a snapshot of the whole experiment
+    after every checkpoint of a trial with a short epoch: 37 MB of JSON per checkpoint at 1,000 trials.)"""
+
+    LAG = 2
 
     def __init__(self, store: RunStore, keep: int):
         self.store, self.keep = store, keep
+        self._newest: dict[str, int] = {}   # trial id -> number of its newest checkpoint
+        self._named: list[dict[str, int]] = []   # self._newest as of each of the last LAG snapshots
+        self._pruned: dict[str, int] = {}   # trial id -> the `below` it was last pruned with
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        try:
-            self.store.prune(layout.trial_dirname(trial.trial_id), layout.CHECKPOINT_DIR, self.keep)
-        except Exception as e:   # noqa: BLE001  (a callback that raises would end the search)
-            warnings.warn(f"trial {trial.trial_id}: old checkpoints not pruned ({type(e).__name__}: {e})")
+        if m := layout.CHECKPOINT_DIR.fullmatch(os.path.basename(str(checkpoint.path).rstrip("/"))):
+            self._newest[trial.trial_id] = int(m.group(1))
+
+    def get_state(self):
+        """Called by Ray at each experiment snapshot (CallbackList.save_to_dir); no state of its own to save."""
+        if len(self._named) >= self.LAG:
+            self._prune(self._named.pop(0))
+        self._named.append(dict(self._newest))
+        return None
+
+    def on_experiment_end(self, trials, **info):
+        self._prune({tid: n + 1 for tid, n in self._newest.items()})
+
+    def _prune(self, below: dict[str, int]) -> None:
+        for tid, n in below.items():
+            if self._pruned.get(tid) == n:
+                continue
+            try:
+                self.store.prune(layout.trial_dirname(tid), layout.CHECKPOINT_DIR, self.keep, below=n)
+                self._pruned[tid] = n
+            except Exception as e:   # noqa: BLE001  (a callback that raises would end the search)
+                warnings.warn(f"trial {tid}: old checkpoints not pruned ({type(e).__name__}: {e})")
 
 
 def _fit(tuner, run_dir: str):
@@ -298,6 +326,9 @@ def resume_search(run_dir: str, *, address: str | None = None, dashboard_host: s
     cluster.quiet(verbose)
     dashboard = cluster.connect(address, dashboard_host, cluster.job_metadata(
         cfg.name, run_dir, str(base_file), plan.trials, cfg.search.confirm))
+    if lost := left_out(store):   # what the lost driver left in its staging folder on this node stays out too
+        from ray.train.constants import _get_ray_train_session_dir
+        clear_staging(store, _get_ray_train_session_dir(), lost)
     cluster.banner(run_dir, dashboard)
     started = time.time()
     with _same_version(run_dir):

@@ -12,15 +12,17 @@ starts the search afresh: finished trials forgotten, new ones sampled, the run f
     recover(run_dir)     before a resume: if the newest snapshot is cut short, sets the newest files aside
                          (renamed *.cut-short) and puts the copy back; a UserError if there is no copy
     leave_out(store)     before a resume: finds the trials a driver that died started after its last snapshot
-                         (left_out: their folders hold results, the snapshot does not name them; the restored
-                         search never runs them, its searcher, restored too, samples others instead) and
-                         records them in decisions.jsonl, which the report reads to leave them out
+                         (left_out: the snapshot does not name their folders; the restored search never runs
+                         them, its searcher, restored too, samples others instead) and records them in
+                         decisions.jsonl, which the report reads to leave them out
+    clear_staging(...)   once connected, before the restore: removes those trials from the lost driver's staging
+                         folder on this node, which the resumed driver would otherwise upload
 
 Only folders on a filesystem need this: object stores (s3://, gs://) write a whole object or nothing.
 """
 from __future__ import annotations
 
-__all__ = ["KeepState", "leave_out", "left_out", "recover", "STATE_PATTERNS"]
+__all__ = ["KeepState", "clear_staging", "leave_out", "left_out", "recover", "STATE_PATTERNS"]
 
 import fnmatch
 import gzip
@@ -155,30 +157,46 @@ def recover(run_dir: str) -> str | None:
             f"{time.strftime('%H:%M:%S', time.localtime(os.path.getmtime(copy)))} (the cut files renamed *.cut-short)")
 
 
-def left_out(store: RunStore) -> list[str]:
-    """Ids of the trials whose folders hold results but that the newest experiment_state does not name
-    (trial_<id> folders a lost driver created after its last snapshot); [] without a readable snapshot."""
-    names = store.listdir()
-    states = sorted(fnmatch.filter(names, layout.EXPERIMENT_STATE_GLOB))
+def _known(store: RunStore) -> set[str] | None:
+    """Trial ids and folder names the newest experiment_state names; None without a readable one."""
+    states = sorted(fnmatch.filter(store.listdir(), layout.EXPERIMENT_STATE_GLOB))
     if not states:
-        return []
+        return None
     try:
         entries = json.loads(store.read_text(states[-1]))["trial_data"]
         trials = [json.loads(t) if isinstance(t, str) else t for t, _ in entries]
-        known = {os.path.basename(t.get("relative_logdir") or "") for t in trials} | {t["trial_id"] for t in trials}
+        return {os.path.basename(t.get("relative_logdir") or "") for t in trials} | {t["trial_id"] for t in trials}
     except (OSError, ValueError, KeyError, TypeError):
-        return []   # a snapshot Ray cannot read either: Tuner.restore says so
-    lost = []
-    for name in names:
-        if not name.startswith("trial_") or name in known or name.removeprefix("trial_") in known:
-            continue
-        try:
-            first = store.read_text(f"{name}/{layout.RESULT}").split("\n", 1)[0]
-        except (OSError, FileNotFoundError):
-            continue   # no results: the report leaves such a folder out already
-        if first.strip():
-            lost.append(name.removeprefix("trial_"))
-    return lost
+        return None   # a snapshot Ray cannot read either: Tuner.restore says so
+
+
+def left_out(store: RunStore) -> list[str]:
+    """Ids of the trials whose folders the newest experiment_state does not name (trial_<id> folders a lost
+    driver created after its last snapshot, with results or not yet: its driver staging folder may hold results
+    that a resumed driver on the same node would upload later); [] without a readable snapshot."""
+    if (known := _known(store)) is None:
+        return []
+    return [name.removeprefix(layout.TRIAL_PREFIX) for name in store.listdir()
+            if name.startswith(layout.TRIAL_PREFIX) and name not in known
+            and name.removeprefix(layout.TRIAL_PREFIX) not in known]
+
+
+def clear_staging(store: RunStore, artifacts_dir: str, lost: list[str]) -> list[str]:
+    """Remove the left_out trials' folders from the lost driver's staging folder on this node
+    (artifacts_dir/<time>/<search>/driver_artifacts/trial_<id>, artifacts_dir being <ray session>/artifacts:
+    results the lost driver had not uploaded yet). A resumed driver on the node of the lost one gets that staging folder back (Ray names it by
+    the time the search first started) and uploads what it holds: the left-out trials would reappear with
+    results. Returns the folders removed."""
+    import glob
+    name = store.where.rstrip("/").rsplit("/", 1)[-1]
+    gone = []
+    for staging in glob.glob(os.path.join(glob.escape(artifacts_dir), "*", glob.escape(name), "driver_artifacts")):
+        for t in lost:
+            folder = os.path.join(staging, layout.trial_dirname(t))
+            if os.path.isdir(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+                gone.append(folder)
+    return gone
 
 
 def leave_out(store: RunStore) -> str | None:
