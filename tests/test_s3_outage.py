@@ -104,6 +104,16 @@ def _wait_for_checkpoints(uri: str, n: int, timeout: float = 240) -> None:
         time.sleep(0.5)
 
 
+def _search_then_outage(s3_server, s3_bucket, name: str, storage_timeout_s: int):
+    """A search into the proxied store, which goes down once two checkpoints are in: (proxy, run uri, process)."""
+    proxy = Proxy(s3_server)
+    uri = f"{s3_bucket}/runs/{name}"
+    p = _search(f"{s3_bucket}/runs", name, proxy, f"search.storage_timeout_s={storage_timeout_s}")
+    _wait_for_checkpoints(uri, 2)
+    proxy.down()
+    return proxy, uri, p
+
+
 def _check_complete(uri: str, trials: int, epochs: int):
     report = read_report(io.StringIO(s3_read(uri, "report.csv")))
     assert len(report) == trials and report["trial_id"].is_unique
@@ -117,11 +127,7 @@ def _check_complete(uri: str, trials: int, epochs: int):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_store_down_for_a_minute_the_search_waits_and_finishes(s3_server, s3_bucket):
-    proxy = Proxy(s3_server)
-    uri = f"{s3_bucket}/runs/outage"
-    p = _search(f"{s3_bucket}/runs", "outage", proxy, "search.storage_timeout_s=300")
-    _wait_for_checkpoints(uri, 2)
-    proxy.down()
+    proxy, uri, p = _search_then_outage(s3_server, s3_bucket, "outage", 300)
     down_at = time.time()
     time.sleep(45)
     proxy.up()
@@ -137,11 +143,7 @@ def test_store_down_for_a_minute_the_search_waits_and_finishes(s3_server, s3_buc
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_store_down_longer_than_the_bound_stops_the_search_and_resume_finishes(s3_server, s3_bucket):
-    proxy = Proxy(s3_server)
-    uri = f"{s3_bucket}/runs/long-outage"
-    p = _search(f"{s3_bucket}/runs", "long-outage", proxy, "search.storage_timeout_s=20")
-    _wait_for_checkpoints(uri, 2)
-    proxy.down()
+    proxy, uri, p = _search_then_outage(s3_server, s3_bucket, "long-outage", 20)
     out, _ = p.communicate(timeout=300)
     proxy.up()
     assert p.returncode == 2, out[-4000:]

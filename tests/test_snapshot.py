@@ -108,10 +108,11 @@ def test_trials_a_lost_driver_started_after_its_snapshot_are_found_and_left_out_
             "".join(json.dumps({"trial_id": t, "epoch": float(e), "top1": 50.0}) + "\n" for e in range(1, epochs + 1)))
     assert sorted(left_out(RunStore(tmp_path))) == ["bbbb0008", "bbbb0009"]   # results yet or not (staging may hold them)
     assert sorted(collect(tmp_path)[0]["trial_id"]) == ["aaaa0001", "aaaa0002", "bbbb0009"]   # before the resume
-    assert "2 trial(s) started after the lost driver's last snapshot" in leave_out(RunStore(tmp_path))
+    store = RunStore(tmp_path)
+    assert "2 trial(s) started after the lost driver's last snapshot" in leave_out(store, left_out(store))
     assert sorted(collect(tmp_path)[0]["trial_id"]) == ["aaaa0001", "aaaa0002"]
     assert (tmp_path / "trial_bbbb0009" / "result.json").is_file()
-    assert leave_out(RunStore(tmp_path)) is None            # a second resume records nothing new
+    assert leave_out(store, left_out(store)) is None          # a second resume records nothing new
     assert (tmp_path / "decisions.jsonl").read_text().count("bbbb0009") == 1
     (tmp_path / "trial_bbbb0008" / "result.json").write_text(json.dumps({"trial_id": "bbbb0008", "epoch": 1.0}) + "\n")
     assert sorted(collect(tmp_path)[0]["trial_id"]) == ["aaaa0001", "aaaa0002"]   # results arriving later stay out

@@ -321,12 +321,12 @@ def resume_search(run_dir: str, *, address: str | None = None, dashboard_host: s
     with _same_version(run_dir):
         if not store.remote and (line := recover(run_dir)):
             print(line, file=sys.stderr)
-    if line := leave_out(store):
+    if line := leave_out(store, lost := left_out(store)):
         print(line, file=sys.stderr)
     cluster.quiet(verbose)
     dashboard = cluster.connect(address, dashboard_host, cluster.job_metadata(
         cfg.name, run_dir, str(base_file), plan.trials, cfg.search.confirm))
-    if lost := left_out(store):   # what the lost driver left in its staging folder on this node stays out too
+    if lost:   # what the lost driver left in its staging folder on this node stays out too
         from ray.train.constants import _get_ray_train_session_dir
         clear_staging(store, _get_ray_train_session_dir(), lost)
     cluster.banner(run_dir, dashboard)

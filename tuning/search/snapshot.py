@@ -11,7 +11,8 @@ starts the search afresh: finished trials forgotten, new ones sampled, the run f
                          driver's time
     recover(run_dir)     before a resume: if the newest snapshot is cut short, sets the newest files aside
                          (renamed *.cut-short) and puts the copy back; a UserError if there is no copy
-    leave_out(store)     before a resume: finds the trials a driver that died started after its last snapshot
+    leave_out(store, left_out(store))
+                         before a resume: finds the trials a driver that died started after its last snapshot
                          (left_out: the snapshot does not name their folders; the restored search never runs
                          them, its searcher, restored too, samples others instead) and records them in
                          decisions.jsonl, which the report reads to leave them out
@@ -184,9 +185,9 @@ def left_out(store: RunStore) -> list[str]:
 def clear_staging(store: RunStore, artifacts_dir: str, lost: list[str]) -> list[str]:
     """Remove the left_out trials' folders from the lost driver's staging folder on this node
     (artifacts_dir/<time>/<search>/driver_artifacts/trial_<id>, artifacts_dir being <ray session>/artifacts:
-    results the lost driver had not uploaded yet). A resumed driver on the node of the lost one gets that staging folder back (Ray names it by
-    the time the search first started) and uploads what it holds: the left-out trials would reappear with
-    results. Returns the folders removed."""
+    results the lost driver had not uploaded yet). A resumed driver on the node of the lost one gets that
+    staging folder back (Ray names it by the time the search first started) and uploads what it holds: the
+    left-out trials would reappear with results. Returns the folders removed."""
     import glob
     name = store.where.rstrip("/").rsplit("/", 1)[-1]
     gone = []
@@ -199,11 +200,11 @@ def clear_staging(store: RunStore, artifacts_dir: str, lost: list[str]) -> list[
     return gone
 
 
-def leave_out(store: RunStore) -> str | None:
-    """Record the left_out trials not recorded yet in decisions.jsonl (`{"trial_id", "left_out"}`); a line
-    saying so, or None when there are none. Their folders stay."""
+def leave_out(store: RunStore, lost: list[str]) -> str | None:
+    """Record the trials of `lost` (left_out's) not recorded yet in decisions.jsonl (`{"trial_id", "left_out"}`);
+    a line saying so, or None when there are none. Their folders stay."""
     known = store.read_text(layout.DECISIONS) if store.exists(layout.DECISIONS) else ""
-    if not (lost := [t for t in left_out(store) if f'"{t}", "left_out"' not in known]):
+    if not (lost := [t for t in lost if f'"{t}", "left_out"' not in known]):
         return None
     why = "started after the lost driver's last snapshot"
     store.append(layout.DECISIONS, "".join(json.dumps({"trial_id": t, "left_out": why}) + "\n" for t in lost))
