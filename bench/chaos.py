@@ -15,7 +15,9 @@ After each, the run folder must show what a night on a lab cluster must not brea
   failures in error.txt (Ray's record: a traceback, or "The actor died unexpectedly" for a lost node) after
   search.max_failures retries;
 - no trial's epoch is lost (result.json holds epochs 1..E for the E the report gives) and a kill repeats at
-  most one epoch of a trial (repeats <= the trial's failures, plus one after the driver kill);
+  most one epoch of a trial (trained twice: repeats <= the trial's failures, plus one after the driver
+  kill). A trial that continues from a checkpoint newer than the lost driver's last snapshot reports the
+  epochs after the snapshot again from it (`replayed` in result.json, counted apart: not trained again);
 - the Optuna study (optuna.db) holds each trial once, in the state its report status maps to;
 - every checkpoint folder left in the run folder reads back.
 
@@ -132,7 +134,9 @@ def run(cluster: LoopbackCluster, storage: Path, scenario: str, trials: int, epo
 
 
 def check(run_dir: Path, trials: int, driver_kills: int = 0) -> tuple[dict, list[str]]:
-    """({trials, completed, stopped, diverged, error, retries, repeated}, problems) of a finished search."""
+    """({trials, completed, stopped, diverged, error, retries, repeated, replayed}, problems) of a finished search.
+    An epoch counts as repeated when result.json has it twice from training; one reported again from a
+    checkpoint Ray's record lacked (`replayed`) was not trained again and counts apart."""
     from gatetune.results import read_report
     from gatetune.tuning.train import checkpoint as ckpt
     problems: list[str] = []
@@ -148,12 +152,15 @@ def check(run_dir: Path, trials: int, driver_kills: int = 0) -> tuple[dict, list
         problems.append(f"trials that did not end: {sorted(set(statuses) - set(OPTUNA_STATE))}")
     failures = _failures(run_dir)
     figures["retries"] = sum(failures.values())
-    figures["repeated"] = 0
+    figures["repeated"] = figures["replayed"] = 0
     for tid, status, epochs in zip(report["trial_id"], statuses, report["epochs"]):
         folder = run_dir / f"trial_{tid}"
-        seen = _epochs(folder)
-        repeats = len(seen) - len(set(seen))
+        lines = _results(folder)
+        seen = [r["epoch"] for r in lines]
+        trained = [r["epoch"] for r in lines if not r.get("replayed")]
+        repeats = len(trained) - len(set(trained))
         figures["repeated"] += repeats
+        figures["replayed"] += len(seen) - len(trained)
         want = list(range(1, int(epochs) + 1)) if epochs == epochs else []   # NaN: no epoch reported
         if sorted(e for e in set(seen) if e == int(e)) != want:   # (a diverged trial ends inside an epoch)
             problems.append(f"trial {tid}: epochs {sorted(set(seen))} in result.json, the report says {epochs}")
@@ -170,9 +177,8 @@ def check(run_dir: Path, trials: int, driver_kills: int = 0) -> tuple[dict, list
     return figures, problems
 
 
-def _epochs(folder: Path) -> list[float]:
-    lines = _text(folder / "result.json").splitlines()
-    return [json.loads(line)["epoch"] for line in lines if line.strip()]
+def _results(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in _text(folder / "result.json").splitlines() if line.strip()]
 
 
 def _text(path: Path) -> str:
@@ -209,7 +215,7 @@ def line(r: dict) -> str:
     verdict = "ok" if not r["problems"] else "; ".join(r["problems"][:5])
     return (f"chaos: {r['scenario']:6s} {r['wall_s']:6.0f} s  {r.get('trials', 0)} trials ({counts})  kills {r['kills']}"
             f"  driver kills {r['driver_kills']}  retries {r.get('retries', 0)}  repeated epochs {r.get('repeated', 0)}"
-            f"  -> {verdict}")
+            f"  replayed {r.get('replayed', 0)}  -> {verdict}")
 
 
 def main() -> int:
@@ -249,7 +255,8 @@ def main() -> int:
     ratio = f"{walls['chaos'] / walls['clean']:.2f}" if {"clean", "chaos"} <= set(walls) else "none"
     benchlib.final_line("chaos", ratio, "invariants", not any(r["problems"] for r in results), trials=trials,
                         kills=sum(r["kills"] for r in results), retries=sum(r.get("retries", 0) for r in results),
-                        repeated=sum(r.get("repeated", 0) for r in results))
+                        repeated=sum(r.get("repeated", 0) for r in results),
+                        replayed=sum(r.get("replayed", 0) for r in results))
     return 0
 
 

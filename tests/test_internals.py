@@ -180,7 +180,8 @@ def test_torch_module_internals():
 def test_checkpoint_index_reset_makes_a_report_retry_write_the_same_folder(tmp_path, ray_local):
     """tuning/search/outage.py report_retrying: Ray counts get_session().storage.current_checkpoint_index up
     before it uploads a reported checkpoint; setting it back before a retried tune.report makes the retry
-    write the same checkpoint_<index> folder."""
+    write the same checkpoint_<index> folder. tuning/search/trainable.py (_next_checkpoint_index) sets it to
+    the highest folder number a restarted trial has, so its next checkpoint is numbered above them."""
     from ray import tune
     from ray.train._internal.session import get_session
 
@@ -193,10 +194,13 @@ def test_checkpoint_index_reset_makes_a_report_retry_write_the_same_folder(tmp_p
             d.mkdir()
             (d / "x.txt").write_text(f"{value:g}")
             tune.report({"epoch": 1.0, "top1": value}, checkpoint=tune.Checkpoint.from_directory(str(d)))
+        storage.current_checkpoint_index = 5
+        tune.report({"epoch": 2.0, "top1": 3.0}, checkpoint=tune.Checkpoint.from_directory(str(tmp_path / "c2")))
 
     tune.Tuner(trainable, run_config=tune.RunConfig(name="ix", storage_path=str(tmp_path / "runs"), verbose=0)).fit()
     (trial,) = [d for d in (tmp_path / "runs" / "ix").iterdir() if d.is_dir()]
     folders = sorted(p.name for p in trial.glob("checkpoint_*"))
-    msg = "Ray's checkpoint index moved: update tuning/search/outage.py (report_retrying)"
-    assert folders == ["checkpoint_000000"], msg
+    msg = ("Ray's checkpoint index moved: update tuning/search/outage.py (report_retrying) and "
+           "tuning/search/trainable.py (_next_checkpoint_index)")
+    assert folders == ["checkpoint_000000", "checkpoint_000006"], msg
     assert (trial / "checkpoint_000000" / "x.txt").read_text() == "2", msg

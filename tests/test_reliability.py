@@ -20,7 +20,7 @@ from gatetune.core import layout, trials
 from gatetune.tuning.train import checkpoint as ckpt
 from gatetune.tuning import config as C
 from gatetune.tuning.train.run import train_run
-from gatetune.tuning.search.trainable import resume_state
+from gatetune.tuning.search.trainable import newer_saved, replays, resume_state
 from gatetune.results import read_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -139,6 +139,26 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path):
     (trial / "checkpoint_000001" / layout.CHECKPOINT_STATE).write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="corrupt"):
         assert resume_state(str(trial / "checkpoint_000001"))["epoch"] == 1
+
+
+def test_a_restart_continues_from_a_checkpoint_newer_than_rays_record(tmp_path):
+    """A driver lost between two snapshots: Ray's record names checkpoint_000001 (epoch 2), the trial's folder
+    holds up to checkpoint_000004 (epoch 5, its upload cut short, so epoch 4's is the newest readable)."""
+    trial = tmp_path / layout.trial_dirname("t1")
+    history = [{"epoch": e, "top1": 10.0 * e} for e in range(1, 6)]
+    for i in range(5):
+        (trial / f"checkpoint_{i:06d}").mkdir(parents=True)
+        ckpt.save_atomic({"model": {}, "config": {}, "epoch": i + 1, "history": history[:i + 1]},
+                         trial / f"checkpoint_{i:06d}" / layout.CHECKPOINT_STATE)
+    (trial / "checkpoint_000004" / layout.CHECKPOINT_STATE).write_bytes(b"cut short")
+    state, top = newer_saved(str(tmp_path), "t1", than=1)
+    assert state["epoch"] == 4 and top == 4
+    assert not (trial / "checkpoint_000004").exists()                 # the cut-short one is gone
+    again = replays(state, after=2)
+    assert [r["epoch"] for r in again] == [3, 4] and all(r["replayed"] for r in again)
+    assert [r["top1"] for r in again] == [30.0, 40.0] and "replayed" not in state["history"][-1]
+    assert newer_saved(str(tmp_path), "t1", than=3) == (None, 3)      # Ray's record is the newest
+    assert newer_saved(str(tmp_path), "new", than=-1) == (None, -1)   # a trial that has no folder yet
 
 
 def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):

@@ -169,3 +169,22 @@ def test_old_checkpoints_go_only_once_no_snapshot_the_run_folder_may_hold_names_
     assert left() == [3, 4]
     prune.on_experiment_end([])                             # Ray's last snapshot is written: down to keep
     assert left() == [4]
+
+
+def test_a_failed_trials_results_reach_the_run_folder_before_ray_restarts_it(tmp_path):
+    """Ray's JSON logger restarts a trial's result.json from the run folder's copy, which lags the driver's
+    by up to a snapshot: KeepResults uploads the driver's copy when the trial fails, so no epoch goes."""
+    from types import SimpleNamespace
+
+    from gatetune.core.storage import RunStore
+    from gatetune.tuning.search.run import KeepResults
+    staging, run = tmp_path / "staging" / "trial_aaaa0001", tmp_path / "run"
+    staging.mkdir(parents=True)
+    (run / "trial_aaaa0001").mkdir(parents=True)
+    lines = "".join(f'{{"epoch": {e}}}\n' for e in (1, 2, 3))
+    (staging / "result.json").write_text(lines)
+    (run / "trial_aaaa0001" / "result.json").write_text('{"epoch": 1}\n')   # the last snapshot's
+    trial = SimpleNamespace(trial_id="aaaa0001", local_path=str(staging))
+    KeepResults(RunStore(run)).on_trial_recover(0, [], trial)
+    assert (run / "trial_aaaa0001" / "result.json").read_text() == lines
+    KeepResults(RunStore(run)).on_trial_recover(0, [], SimpleNamespace(trial_id="b", local_path=str(tmp_path / "none")))

@@ -123,6 +123,26 @@ class PruneCheckpoints(Callback):
                 warnings.warn(f"trial {tid}: old checkpoints not pruned ({type(e).__name__}: {e})")
 
 
+class KeepResults(Callback):
+    """When Ray restarts a failed trial, its JSON logger copies the trial's result.json from the run folder over
+    the driver's copy; the run folder's lags by up to one snapshot (Ray uploads the driver's trial folders with
+    each), so the epochs reported in between would be lost from it. On the failure, before the restart, the
+    driver's copy is uploaded."""
+
+    def __init__(self, store: RunStore):
+        self.store = store
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        local = Path(trial.local_path, layout.RESULT)
+        if not local.is_file():
+            return
+        try:
+            self.store.upload(local, f"{layout.trial_dirname(trial.trial_id)}/{layout.RESULT}")
+        except Exception as e:   # noqa: BLE001  (a callback that raises would end the search)
+            warnings.warn(f"trial {trial.trial_id}: result.json not saved before its restart ({type(e).__name__}: "
+                          f"{first_line(e)}); the epochs since the last snapshot may be missing from it")
+
+
 def _fit(tuner, run_dir: str):
     """tuner.fit(); a run folder that fills up or stops being writable mid-search is one line, not a crash
     (Ray then fails reading back the error files it could not write). A remote run folder that stops answering
@@ -215,7 +235,7 @@ def _tuner(plan: S.SearchPlan, run_dir: str, verbose: bool, callbacks, reuse_act
             failure_config=tune.FailureConfig(max_failures=srch.max_failures),
             callbacks=[Console(plan.max_epochs, run=name, base=plan.base, expected=_num_samples(plan),
                                buckets=plan.density_buckets, concurrency=concurrency), TrialCounts(cfg.name, plan.base),
-                       PruneCheckpoints(store, cfg.train.keep_checkpoints),
+                       PruneCheckpoints(store, cfg.train.keep_checkpoints), KeepResults(store),
                        *([outage.StorageWatch(store, srch.storage_timeout_s)] if store.remote else [KeepState(run_dir)]),
                        *track.callbacks(plan, run_dir), *callbacks]),
     )

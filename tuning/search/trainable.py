@@ -5,7 +5,10 @@ checkpoint=...)`); the last epoch of a trial that trains its full budget also re
 (latency_ms, dense_latency_ms), measured here (train.evaluate.state_latency: the weights, the cached dataset
 and the inference modules are at hand in the worker; after the search, pareto_latency measures only the
 front's trials that lack one). A trial restarted after its node or worker died gets its latest checkpoint from
-`tune.get_checkpoint()` and continues after that epoch. Imports come from `ray.tune` only (ray.train's
+`tune.get_checkpoint()` and continues after that epoch, or after a newer one in its folder that Ray's record
+lacks (newer_saved: a driver lost between two experiment snapshots, or a node lost between the upload of a
+checkpoint and its report); the epochs Ray has no result for are then reported again from that checkpoint's
+history (`replayed: true`), not trained again. Imports come from `ray.tune` only (ray.train's
 report is Train V2 and fails inside Tune). A trial granted N >= 2 GPUs trains data-parallel on them
 (distributed.fit_any decides).
 
@@ -25,7 +28,7 @@ What a user sees of a trial in the Ray dashboard (docs/design.md, "Watching a se
 """
 from __future__ import annotations
 
-__all__ = ["trial", "resume_state", "label", "placement", "as_result", "gpu_words", "CheckpointWriteError"]
+__all__ = ["trial", "resume_state", "newer_saved", "replays", "label", "placement", "as_result", "gpu_words", "CheckpointWriteError"]
 
 import os
 import sys
@@ -36,7 +39,7 @@ from pathlib import Path
 from gatetune.core import layout
 from gatetune.core import trials as T
 from gatetune.core.errors import UserError, first_line
-from gatetune.core.storage import is_remote
+from gatetune.core.storage import RunStore, is_remote
 from gatetune.tuning.train import checkpoint as ckpt
 from gatetune.tuning import config as C
 from gatetune.tuning.search import live, outage
@@ -66,6 +69,52 @@ def resume_state(checkpoint_dir: str) -> dict | None:
     here = Path(checkpoint_dir)
     older = sorted((s for s in here.parent.glob("checkpoint_*") if s.name < here.name), reverse=True)
     return ckpt.read_newest([here, *older])
+
+
+def newer_saved(run_dir: str, trial_id: str, than: int) -> tuple[dict | None, int]:
+    """(state, top) of the trial's folder in the run folder: the newest readable checkpoint numbered above
+    `than` (checkpoint_N, newest first; None when there is none) and the highest checkpoint number there (-1
+    when none). Ray's record of a trial's newest checkpoint lags the folder when the driver was lost after the
+    trial reported but before the next experiment snapshot; restoring from the record would train those epochs
+    again. An unreadable folder above the one returned (an upload cut short by the loss; the trial's worker
+    that wrote it is gone) is deleted, with a line in the worker log."""
+    store = RunStore(run_dir)
+    rel = layout.trial_dirname(trial_id)
+    numbered = sorted(((int(m.group(1)), name) for name in store.listdir(rel)
+                       if (m := layout.CHECKPOINT_DIR.fullmatch(name))), reverse=True)
+    top = numbered[0][0] if numbered else -1
+    for n, name in numbered:
+        if n <= than:
+            break
+        try:
+            if not store.remote:
+                return ckpt.read(store.local_path(f"{rel}/{name}")), top
+            with tempfile.TemporaryDirectory() as d:
+                return ckpt.read(store.download(f"{rel}/{name}", Path(d, name))), top
+        except ckpt.CheckpointError as e:
+            store.delete(f"{rel}/{name}")
+            print(f"[{trial_id}] {name} deleted: {e.message} (an upload cut short); trying the one before it",
+                  file=sys.stderr, flush=True)
+    return None, top
+
+
+def replays(state: dict, after: float) -> list[dict]:
+    """The history entries of a checkpoint's state for the epochs past `after`, marked `replayed`: what a trial
+    reports again, without training, when it continues from a checkpoint newer than Ray's record of it."""
+    return [{**entry, "replayed": True} for entry in state.get("history", []) if entry.get("epoch", 0) > after]
+
+
+def _next_checkpoint_index(top: int) -> None:
+    """Number this trial's next checkpoint above every folder it has, `top` (Ray numbers it from its own record,
+    and would write a newer epoch over a folder of an older number). Ray's index is the number of the last
+    checkpoint written; it adds one before it writes the next."""
+    try:
+        from ray.train._internal.session import get_session
+        storage = get_session().storage
+        storage.current_checkpoint_index = max(storage.current_checkpoint_index, top)
+    except Exception as e:   # noqa: BLE001  (an internal of Ray's: without it only the numbering suffers)
+        print(f"checkpoint numbering not moved past checkpoint_{top:06d} ({type(e).__name__}: {first_line(e)})",
+              file=sys.stderr, flush=True)
 
 
 def placement() -> dict:
@@ -119,10 +168,29 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
     where = placement()
     cpus, gpus = context.get_trial_resources().required_resources.get("CPU", 1), len(where["gpu_ids"])
     print(f"[{trial_id}] start: {label(trial_id, config)} on {where['node']}{gpu_words(where)}", file=sys.stderr, flush=True)
-    resume = None
+    resume, given = None, -1
     if (checkpoint := tune.get_checkpoint()) is not None:
         with checkpoint.as_directory() as d:
             resume = resume_state(d)
+        if m := layout.CHECKPOINT_DIR.fullmatch(os.path.basename(str(checkpoint.path).rstrip("/"))):
+            given = int(m.group(1))
+    again: list[dict] = []
+    if run_dir:
+        try:
+            newer, top = newer_saved(run_dir, trial_id, given)
+        except Exception as e:   # noqa: BLE001  (a store that does not answer: Ray's record is still good)
+            newer, top = None, -1
+            print(f"[{trial_id}] its folder could not be listed ({type(e).__name__}: {first_line(e)}); "
+                  "continuing from Ray's record of its newest checkpoint", file=sys.stderr, flush=True)
+        done = resume["epoch"] if resume is not None else 0
+        if newer is not None and newer["epoch"] > done:
+            again = replays(newer, done)
+            print(f"[{trial_id}] continues after epoch {newer['epoch']:g}, from a checkpoint newer than Ray's record "
+                  f"of it (epoch {done:g}); epochs {done + 1:g}-{newer['epoch']:g} are reported again from it, "
+                  "not trained again", file=sys.stderr, flush=True)
+            resume = newer
+        if top >= 0:
+            _next_checkpoint_index(top)
     run = context.get_experiment_name()
     gauges = live.TrialGauges(run, trial_id)
     on_progress = live.TrialProgress(trial_id, cfg.train.epochs, gauges, live.find_board(run))
@@ -139,7 +207,7 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
             metrics = {**metrics, "placement": as_result(unsent.pop())}
         print(progress_line(trial_id, metrics, cfg.train.epochs), file=sys.stderr, flush=True)
         gauges.set(metrics)
-        if state is None:   # diverged: report without a checkpoint; the trial then ends
+        if state is None:   # diverged (the trial then ends), or an epoch reported again: no checkpoint
             tune.report(metrics)
             return
         try:
@@ -158,6 +226,8 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
             raise CheckpointWriteError(line) from None
 
     try:
+        for n, entry in enumerate(again, 1):
+            report(entry, resume if n == len(again) else None)
         fit_any(cfg, report, resume=resume, gpus=gpus, threads=max(1, int(cpus)), cached=True, on_progress=on_progress,
                 on_placement=on_placement)
     except (CheckpointWriteError, outage.StorageUnreachable):
