@@ -56,6 +56,12 @@ CHECKPOINTS = "checkpoints"
 EPOCH_FILE = re.compile(r"epoch_(\d+)\.pt")
 
 
+def checkpoint_number(path: str) -> int | None:
+    """N of a trial's checkpoint_N folder, from its name or a path or URI ending in it; None for any other."""
+    m = CHECKPOINT_DIR.fullmatch(str(path).rstrip("/").rsplit("/", 1)[-1])
+    return int(m.group(1)) if m else None
+
+
 def trial_dirname(trial_id: str) -> str:
     """`trial_<id>`: short, so the report's checkpoint column stays readable."""
     return f"{TRIAL_PREFIX}{trial_id}"

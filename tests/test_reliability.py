@@ -158,7 +158,8 @@ def test_a_restart_continues_from_a_checkpoint_newer_than_rays_record(tmp_path):
     assert [r["epoch"] for r in again] == [3, 4] and all(r["replayed"] for r in again)
     assert [r["top1"] for r in again] == [30.0, 40.0] and "replayed" not in state["history"][-1]
     assert newer_saved(str(tmp_path), "t1", than=3) == (None, 3)      # Ray's record is the newest
-    assert newer_saved(str(tmp_path), "new", than=-1) == (None, -1)   # a trial that has no folder yet
+    assert newer_saved(str(tmp_path), "new", than=None) == (None, -1)  # a trial that has no folder yet
+    assert newer_saved(str(tmp_path), "t1", than=None)[0]["epoch"] == 4   # no record at all: any folder counts
 
 
 def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch):

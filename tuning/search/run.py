@@ -99,8 +99,8 @@ class PruneCheckpoints(Callback):
         self._pruned: dict[str, int] = {}   # trial id -> the `below` it was last pruned with
 
     def on_checkpoint(self, iteration, trials, trial, checkpoint, **info):
-        if m := layout.CHECKPOINT_DIR.fullmatch(os.path.basename(str(checkpoint.path).rstrip("/"))):
-            self._newest[trial.trial_id] = int(m.group(1))
+        if (n := layout.checkpoint_number(checkpoint.path)) is not None:
+            self._newest[trial.trial_id] = n
 
     def get_state(self):
         """Called by Ray at each experiment snapshot (CallbackList.save_to_dir); no state of its own to save."""

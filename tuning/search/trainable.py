@@ -71,20 +71,20 @@ def resume_state(checkpoint_dir: str) -> dict | None:
     return ckpt.read_newest([here, *older])
 
 
-def newer_saved(run_dir: str, trial_id: str, than: int) -> tuple[dict | None, int]:
+def newer_saved(run_dir: str, trial_id: str, than: int | None) -> tuple[dict | None, int]:
     """(state, top) of the trial's folder in the run folder: the newest readable checkpoint numbered above
-    `than` (checkpoint_N, newest first; None when there is none) and the highest checkpoint number there (-1
+    `than` (checkpoint_N, newest first; any when `than` is None; None when there is none) and the highest checkpoint number there (-1
     when none). Ray's record of a trial's newest checkpoint lags the folder when the driver was lost after the
     trial reported but before the next experiment snapshot; restoring from the record would train those epochs
     again. An unreadable folder above the one returned (an upload cut short by the loss; the trial's worker
     that wrote it is gone) is deleted, with a line in the worker log."""
     store = RunStore(run_dir)
     rel = layout.trial_dirname(trial_id)
-    numbered = sorted(((int(m.group(1)), name) for name in store.listdir(rel)
-                       if (m := layout.CHECKPOINT_DIR.fullmatch(name))), reverse=True)
+    numbered = sorted(((n, name) for name in store.listdir(rel)
+                       if (n := layout.checkpoint_number(name)) is not None), reverse=True)
     top = numbered[0][0] if numbered else -1
     for n, name in numbered:
-        if n <= than:
+        if than is not None and n <= than:
             break
         try:
             if not store.remote:
@@ -168,12 +168,11 @@ def trial(config: dict, base: dict, run_dir: str = "") -> None:
     where = placement()
     cpus, gpus = context.get_trial_resources().required_resources.get("CPU", 1), len(where["gpu_ids"])
     print(f"[{trial_id}] start: {label(trial_id, config)} on {where['node']}{gpu_words(where)}", file=sys.stderr, flush=True)
-    resume, given = None, -1
+    resume, given = None, None
     if (checkpoint := tune.get_checkpoint()) is not None:
         with checkpoint.as_directory() as d:
             resume = resume_state(d)
-        if m := layout.CHECKPOINT_DIR.fullmatch(os.path.basename(str(checkpoint.path).rstrip("/"))):
-            given = int(m.group(1))
+        given = layout.checkpoint_number(checkpoint.path)
     again: list[dict] = []
     if run_dir:
         try:
