@@ -144,7 +144,7 @@ def test_old_checkpoints_go_only_once_no_snapshot_the_run_folder_may_hold_names_
     from types import SimpleNamespace
 
     from gatetune.core.storage import RunStore
-    from gatetune.tuning.search.run import PruneCheckpoints
+    from gatetune.tuning.search.keep import PruneCheckpoints
     prune, trial = PruneCheckpoints(RunStore(tmp_path), keep=1), SimpleNamespace(trial_id="aaaa0001")
     folder = tmp_path / "trial_aaaa0001"
 
@@ -177,7 +177,7 @@ def test_a_failed_trials_results_reach_the_run_folder_before_ray_restarts_it(tmp
     from types import SimpleNamespace
 
     from gatetune.core.storage import RunStore
-    from gatetune.tuning.search.run import KeepResults
+    from gatetune.tuning.search.keep import KeepResults
     staging, run = tmp_path / "staging" / "trial_aaaa0001", tmp_path / "run"
     staging.mkdir(parents=True)
     (run / "trial_aaaa0001").mkdir(parents=True)
