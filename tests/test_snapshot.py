@@ -167,7 +167,16 @@ def test_old_checkpoints_go_only_once_no_snapshot_the_run_folder_may_hold_names_
     assert left() == [1, 2, 3, 4]
     prune.get_state()                                       # D: B is uploaded, below its 3 goes
     assert left() == [3, 4]
-    prune.on_experiment_end([])                             # Ray's last snapshot is written: down to keep
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "experiment_state-2026-01-01_00-00-00.json").write_text('{"names": 4}')
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text('{"names": 3}')
+    ended = SimpleNamespace(storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))
+    with pytest.warns(UserWarning, match="lacks Ray's last experiment snapshot"):
+        prune.on_experiment_end([ended])                    # its upload failed (a full disk): 3 is still named
+    assert left() == [3, 4]
+    (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text('{"names": 4}')
+    prune.on_experiment_end([ended])                        # Ray's last snapshot is in the run folder: down to keep
     assert left() == [4]
 
 

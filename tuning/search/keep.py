@@ -22,7 +22,9 @@ class PruneCheckpoints(Callback):
     and the snapshot in the run folder lags the driver: Ray uploads it in the background, and a driver lost
     mid-upload leaves the one before. So a checkpoint is deleted only once it is older than the one the
     snapshot taken LAG snapshots ago named (get_state runs at each snapshot; Ray waits for one upload before it
-    starts the next), and at the end of the search, after Ray's last snapshot has been written, down to `keep`.
+    starts the next), and at the end of the search down to `keep`, once the run folder holds Ray's last snapshot
+    (Ray logs a failed upload of it and goes on: on a full disk the run folder keeps an older one, and the
+    checkpoints it names are then kept for `gatetune resume`).
     (Ray's CheckpointConfig(num_to_keep) deletes at once instead, and forces a snapshot of the whole experiment
     after every checkpoint of a trial with a short epoch: 37 MB of JSON per checkpoint at 1,000 trials.)"""
 
@@ -46,7 +48,20 @@ class PruneCheckpoints(Callback):
         return None
 
     def on_experiment_end(self, trials, **info):
+        if trials and not self._last_snapshot_landed(trials[0]):
+            warnings.warn("the run folder lacks Ray's last experiment snapshot (its upload failed); old checkpoints "
+                          "are kept so that `gatetune resume` finds the ones the older snapshot names")
+            return
         self._prune({tid: n + 1 for tid, n in self._newest.items()})
+
+    def _last_snapshot_landed(self, trial) -> bool:
+        """Whether the run folder's newest experiment_state file is the driver's: Ray writes each snapshot to
+        the driver's staging folder and uploads it from there."""
+        try:
+            staged = sorted(Path(trial.storage.experiment_driver_staging_path).glob("experiment_state-*.json"))
+            return bool(staged) and self.store.read_bytes(staged[-1].name) == staged[-1].read_bytes()
+        except Exception:   # noqa: BLE001  (a missing or unreadable copy: not landed)
+            return False
 
     def _prune(self, below: dict[str, int]) -> None:
         for tid, n in below.items():
