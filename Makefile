@@ -22,7 +22,7 @@ test: $(STAMP)
 # Multi-process / multi-node scenarios, S3 storage, the dashboard, 5,000 fuzzed configs, a full disk and
 # the digits accuracy targets (CI runs these too).
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=15
 
 # A real search on the bundled digits data, on a local Ray; a new run folder each time.
 demo: $(STAMP)

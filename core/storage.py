@@ -151,11 +151,14 @@ class RunStore:
             f.write(text)
         self.upload(copy, rel)
 
-    def prune(self, rel: str, pattern: re.Pattern, keep: int, below: int | None = None) -> list[str]:
+    def prune(self, rel: str, pattern: re.Pattern, keep: int, below: int | None = None,
+              newest: int | None = None) -> list[str]:
         """Delete all but the newest `keep` entries (files or folders) right below `rel` whose names match
         `pattern` in full, newest by the number of its first group, and only those numbered under `below` when
-        given; returns the names deleted."""
-        numbered = sorted((int(m.group(1)), name) for name in self.listdir(rel) if (m := pattern.fullmatch(name)))
+        given; entries numbered above `newest`, when given, neither count nor go (a folder not recorded yet,
+        or an upload cut short, must not push out the newest good one); returns the names deleted."""
+        numbered = sorted((int(m.group(1)), name) for name in self.listdir(rel)
+                          if (m := pattern.fullmatch(name)) and (newest is None or int(m.group(1)) <= newest))
         old = [name for n, name in numbered[:max(0, len(numbered) - keep)] if below is None or n < below]
         for name in old:
             self.delete(_join(rel, name))

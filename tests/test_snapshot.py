@@ -167,6 +167,7 @@ def test_old_checkpoints_go_only_once_no_snapshot_the_run_folder_may_hold_names_
     assert left() == [1, 2, 3, 4]
     prune.get_state()                                       # D: B is uploaded, below its 3 goes
     assert left() == [3, 4]
+    (folder / "checkpoint_000005").mkdir()                  # an upload cut short (a full disk): never recorded
     staging = tmp_path / "staging"
     staging.mkdir()
     (staging / "experiment_state-2026-01-01_00-00-00.json").write_text('{"names": 4}')
@@ -174,10 +175,10 @@ def test_old_checkpoints_go_only_once_no_snapshot_the_run_folder_may_hold_names_
     ended = SimpleNamespace(storage=SimpleNamespace(experiment_driver_staging_path=str(staging)))
     with pytest.warns(UserWarning, match="lacks Ray's last experiment snapshot"):
         prune.on_experiment_end([ended])                    # its upload failed (a full disk): 3 is still named
-    assert left() == [3, 4]
+    assert left() == [3, 4, 5]
     (tmp_path / "experiment_state-2026-01-01_00-00-00.json").write_text('{"names": 4}')
-    prune.on_experiment_end([ended])                        # Ray's last snapshot is in the run folder: down to keep
-    assert left() == [4]
+    prune.on_experiment_end([ended])                        # Ray's last snapshot is in the run folder: down to keep,
+    assert left() == [4, 5]                                 # counting recorded checkpoints only
 
 
 def test_a_failed_trials_results_reach_the_run_folder_before_ray_restarts_it(tmp_path):

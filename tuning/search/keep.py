@@ -68,7 +68,8 @@ class PruneCheckpoints(Callback):
             if self._pruned.get(tid) == n:
                 continue
             try:
-                self.store.prune(layout.trial_dirname(tid), layout.CHECKPOINT_DIR, self.keep, below=n)
+                self.store.prune(layout.trial_dirname(tid), layout.CHECKPOINT_DIR, self.keep, below=n,
+                                 newest=self._newest.get(tid))
                 self._pruned[tid] = n
             except Exception as e:   # noqa: BLE001  (a callback that raises would end the search)
                 warnings.warn(f"trial {tid}: old checkpoints not pruned ({type(e).__name__}: {e})")
