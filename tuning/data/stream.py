@@ -26,15 +26,21 @@ upscaled CIFAR-10, ~415x347), per image:
 Already so and kept: uint8 out of the workers (no ToTensor / Normalize there: a quarter of the bytes through
 shared memory and to the GPU), one round trip per batch (the DataLoader hands a worker a whole batch's
 keys; a batch sampler would change nothing), batches in shared memory (the DataLoader's collate in a
-worker) and pinned on cuda. bench/folder_pipeline.py (2 shared cores, batches on the CPU) measures 2.2x
-torchvision's images/s per worker at 1 worker and 1.6x at 2: on a CPU device the conversion and the
-normalisation run in the consuming process (0.8-0.9 ms of its CPU per image, against torchvision's 0.4),
-which has no core of its own when there are as many workers as cores; on a GPU they run there.
+worker) and pinned on cuda. On a CPU device the conversion and the normalisation run in the consuming
+process, which has no core of its own when there are as many workers as cores; glibc's malloc mmapped each
+fresh float batch and faulted it in again (heap_for_large_batches keeps it in the heap instead). Three runs
+of bench/folder_pipeline.py (2 shared cores, batches on the CPU): 2.18-2.54x torchvision's images/s per
+worker at 1 worker and 1.88-2.17x at 2, the consuming process's CPU 0.46-0.63 ms per image against
+torchvision's 0.33-0.36; the same run without heap_for_large_batches: 2.26x and 1.57x, 0.88-0.96 ms. On a
+GPU the conversion runs there.
 """
 from __future__ import annotations
 
 __all__ = ["StreamLoader", "streamed", "load_imagenet", "resized_crop_box", "centre_crop", "UNREADABLE"]
 
+import ctypes
+import ctypes.util
+import functools
 import math
 import os
 import sys
@@ -143,6 +149,8 @@ class StreamLoader(Loader):
         self.split, self.size, self.device, self.seed, self.stream = split, size, device, seed, stream
         self.workers, self.can_augment, self.name = workers, augment, name
         self.scale, self.offset = affine(mean, std, 255.0, device)
+        if device.type == "cpu":
+            heap_for_large_batches()
         self._loaders: dict = {}
         self.unreadable: set[int] = set()
 
@@ -192,6 +200,28 @@ class StreamLoader(Loader):
                 num_workers=self.workers, persistent_workers=self.workers > 0,
                 pin_memory=self.device.type == "cuda", generator=torch.Generator())
         return self._loaders[key]
+
+
+HEAP_BLOCKS = 1 << 30   # glibc's mmap and trim thresholds set by heap_for_large_batches
+
+
+@functools.cache
+def heap_for_large_batches() -> bool:
+    """Lets glibc's malloc serve blocks up to HEAP_BLOCKS from its heap and keep them when freed (mallopt
+    M_MMAP_THRESHOLD, M_TRIM_THRESHOLD), once per process; False where there is no glibc. By default a block
+    over 32 MB (a float batch of 64 crops at 224 px is 38.5 MB, its activations more) is mmapped fresh at
+    each allocation and unmapped when freed, so every batch page-faults its memory in again: converting a
+    uint8 batch to normalised float took 0.53 ms/image that way and 0.16 once the heap keeps the block
+    (bench/folder_pipeline.py's consuming-process CPU time). What tcmalloc or jemalloc preloaded (PyTorch's
+    CPU tuning advice) also give, without either; the cost is freed memory up to HEAP_BLOCKS kept by the
+    process instead of returned at once."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_BLOCKS))
 
 
 def _why(path: str) -> str:
