@@ -7,8 +7,9 @@ Scenarios, one after another on the same cluster:
 
     clean    no chaos (the wall time the others are measured against)
     chaos    the chaos loop for the whole search
-    driver   the chaos loop, and the driver SIGKILLed once a third of the trials have started, then
-             `gatetune resume RUN --address ...` while the chaos goes on
+    driver   the chaos loop, and the driver SIGKILLed in a recovery (a third of the trials started, and a
+             node killed and started again 4 s before), then `gatetune resume RUN --address ...` while
+             the chaos goes on
 
 After each, the run folder must show what a night on a lab cluster must not break:
 - every trial ends exactly once: completed, stopped by its scheduler, diverged, or error with its
@@ -52,7 +53,8 @@ OPTUNA_STATE = {"completed": "COMPLETE", "stopped": "PRUNED", "diverged": "PRUNE
 
 
 class Chaos(threading.Thread):
-    """SIGKILL a random worker node every `every` (low, high) seconds and start it again `down_s` later,
+    """SIGKILL a random worker node (one running a trial, where one does) every `every` (low, high) seconds and
+    start it again `down_s` later,
     until stop() or the time `until`; self.kills: (time, node index, processes killed)."""
 
     def __init__(self, cluster: LoopbackCluster, every=(15.0, 30.0), down_s: float = 3.0,
@@ -68,7 +70,10 @@ class Chaos(threading.Thread):
             up = [i for i, port in enumerate(self.cluster.manager_ports) if port is not None]
             if not up:
                 continue
-            i = self.rng.choice(up)
+            # a node running a trial where there is one: a kill of an idle node (between a trial's end and the
+            # next one's start, or while a driver restarts) costs nothing and tests nothing
+            busy = [i for i in up if self.cluster.busy(i)]
+            i = self.rng.choice(busy or up)
             self.kills.append((time.time(), i, self.cluster.kill_worker(i)))
             self.halt.wait(self.down_s)
             self._start(i)
@@ -110,7 +115,10 @@ def run(cluster: LoopbackCluster, storage: Path, scenario: str, trials: int, epo
             chaos.start()
         p = subprocess.Popen(cmd, env=env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         if scenario == "driver":
-            while p.poll() is None and len(list(run_dir.glob("trial_*"))) < trials // 3:
+            # mid-recovery: a third of the trials started, and a node lost and started again
+            # (its trials retried), with two of Ray's 2-s snapshots taken after it; on a fast machine the
+            # third is reached before the first node kill, and a driver killed then would meet no recovery
+            while p.poll() is None and not _recovering(run_dir, trials, chaos):
                 time.sleep(0.5)
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
@@ -131,6 +139,12 @@ def run(cluster: LoopbackCluster, storage: Path, scenario: str, trials: int, epo
     return {"scenario": scenario, "run_dir": str(run_dir), "log": str(log), "wall_s": wall, "kills": kills,
             "driver_kills": driver_kills, "failed_starts": chaos.failed_starts if chaos else 0, **figures,
             "problems": problems}
+
+
+def _recovering(run_dir: Path, trials: int, chaos: Chaos) -> bool:
+    """A third of the trials have started and the last node kill is chaos.down_s + 4 s old."""
+    return (len(list(run_dir.glob("trial_*"))) >= trials // 3 and bool(chaos.kills)
+            and time.time() - chaos.kills[-1][0] >= chaos.down_s + 4)
 
 
 def check(run_dir: Path, trials: int, driver_kills: int = 0) -> tuple[dict, list[str]]:

@@ -88,11 +88,22 @@ class LoopbackCluster:
         send(procs, signal.SIGKILL)
         return len(procs)
 
+    def busy(self, i: int) -> bool:
+        """Whether worker node i (up) runs an actor: a worker process titled ray::<class> (a trial), not one of
+        Ray's idle workers or agents."""
+        port = self.manager_ports[i]
+        procs = processes()
+        return any(procs[pid][1].startswith("ray::") and not procs[pid][1].startswith(_NOT_TRIALS)
+                   for pid in tree(pids(lambda cmd: f"--node_manager_port={port}" in cmd)) if pid in procs)
+
     def stop(self) -> None:
         procs = tree(pids(lambda cmd: self.tmp in cmd or f":{self.port} " in cmd + " "))
         send(procs, signal.SIGTERM)
         time.sleep(3)
         send(procs, signal.SIGKILL)
+
+
+_NOT_TRIALS = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 def _log_monitor(cmd: str) -> bool:
