@@ -108,6 +108,35 @@ def test_recheck_trains_fewer_epochs_and_still_finishes_the_best(order, rf):
     assert any(d == 1.0 and e == MAX_T for d, e in rechecked.values())   # a dense trial (the best) trains to the end
 
 
+def test_top_promotion_stops_the_third_of_three_that_rays_quantile_lets_through():
+    """rf 2, rung 1 holds 10 and 30: Ray's rule passes a third trial at 25 (above their mean, 20); ASHA's paper
+    and Optuna's pruner keep only the best 3 // 2 = 1 of the three, so `top` stops it; at 40 it goes on."""
+    kw = dict(time_attr="epoch", metric="top1", mode="max", max_t=MAX_T, grace_period=1, reduction_factor=2)
+    for promotion, third, expected in (("quantile", 25.0, TrialScheduler.CONTINUE), ("top", 25.0, TrialScheduler.STOP),
+                                       ("top", 40.0, TrialScheduler.CONTINUE)):
+        asha = RecordingASHA(promotion=promotion, **kw)
+        a, b, c = (SimpleNamespace(trial_id=i, config={}) for i in "abc")
+        for t in (a, b, c):
+            asha.on_trial_add(None, t)
+        assert asha.on_trial_result(None, a, {"epoch": 1.0, "top1": 10.0}) == TrialScheduler.CONTINUE   # empty rung
+        assert asha.on_trial_result(None, b, {"epoch": 1.0, "top1": 30.0}) == TrialScheduler.CONTINUE   # best of 2
+        assert asha.on_trial_result(None, c, {"epoch": 1.0, "top1": third}) == expected, (promotion, third)
+    with pytest.raises(ValueError, match="'quantile' or 'top'"):
+        RecordingASHA(promotion="median", **kw)
+
+
+def test_top_promotion_trains_fewer_epochs_and_still_finishes_the_best():
+    """Never more epochs than Ray's rule; fewer where the better trials come later (87 -> 79, 61 -> 51); the same
+    where the best come first (40: Ray's quantile is then as strict)."""
+    kw = dict(time_attr="epoch", metric="top1", mode="max", max_t=MAX_T, grace_period=1, reduction_factor=2)
+    epochs = {}
+    for order in (DENSITIES, DENSITIES[::-1], (0.5, 1.0, 0.25, 0.75)):
+        quantile, top = (_run(RecordingASHA(promotion=p, **kw), order=order)[0] for p in ("quantile", "top"))
+        epochs[order] = [sum(e for _, e in r.values()) for r in (quantile, top)]
+        assert any(d == 1.0 and e == MAX_T for d, e in top.values()), order   # a dense trial trains to the end
+    assert all(t <= q for q, t in epochs.values()) and sum(q - t for q, t in epochs.values()) >= 10, epochs
+
+
 def test_recheck_needs_one_bracket():
     with pytest.raises(ValueError, match="brackets=1"):
         RecordingASHA(time_attr="epoch", metric="top1", mode="max", max_t=MAX_T, recheck=True, brackets=2)
@@ -124,6 +153,10 @@ def test_recheck_from_config(tmp_path, name):
     ashas = [sched] if name == "asha" else list(sched.asha.values())
     assert all(a.recheck and a.milestones == [1, 4] for a in ashas)   # rungs 1, 4; epoch 8 ends every trial
     assert C.Config().search is None and not C.SchedulerCfg().recheck   # off unless asked for
+    assert all(a.promotion == "quantile" for a in ashas)   # Ray's rule unless asked for
+    top = build(S.prepare(C.Config(train={"epochs": 8}, search={"scheduler": {"name": name, "promotion": "top"}},
+                                   space={"gating.density": {"choice": [0.25, 1.0]}}), "x.yaml"), DecisionLog(tmp_path))
+    assert all(a.promotion == "top" for a in ([top] if name == "asha" else top.asha.values()))
 
 
 @pytest.mark.parametrize("name", ["asha", "asha_by_density", "fifo"])

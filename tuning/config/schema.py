@@ -151,6 +151,11 @@ class SchedulerCfg(_Strict):
     """asha, asha_by_density: ASHA judges a trial once, when it reaches a rung, against the results the rung
     holds then (early in a search: few or none, so the first trials train to the end); with recheck, a trial
     that passed a rung is stopped at any later result once it falls below that rung's cutoff as it fills."""
+    promotion: Literal["quantile", "top"] = "quantile"
+    """asha, asha_by_density: which trials go on past a rung. quantile (Ray's ASHA): one at or above the
+    (1 - 1/reduction_factor) quantile of the values the rung held before it, so the third of three goes on
+    when it beats the mean of the first two; top (ASHA's paper, Optuna's SuccessiveHalvingPruner): one among
+    the best max(1, n // reduction_factor) of the n values the rung holds with its own (ties go on)."""
 
 
 class ResourcesCfg(_Strict):

@@ -14,6 +14,15 @@ revisits that decision: a trial that passed rung r is checked again at each late
 cutoff as it stands then, and stopped once it has fallen below. It keeps its own copy of each rung's
 values, fed from the same results, so it needs only Ray's public scheduler hooks.
 
+`promotion` is the rule at a rung. Ray's ASHA lets a trial through when it is at or above the
+(1 - 1/rf) quantile of the values the rung held before it: with rf 2 the second of two trials goes on when
+it beats the first, and the third of three when it beats the mean of the first two, so on a small search
+about two thirds pass each rung early on. `top` is the rule of ASHA's paper and Optuna's
+SuccessiveHalvingPruner: a trial goes on only when it is among the best max(1, n // rf) of the n values
+the rung holds with its own. It is applied over Ray's decision (a trial Ray stops stays stopped), from the
+same copy of the rungs `recheck` keeps; with `recheck`, a trial has fallen behind once it is no longer
+among that rung's best n // rf.
+
 Seed replicas (search.confirm: a trial whose config names under `confirms` the trial it repeats) and the
 dense pretraining (search.pretrain) are never stopped and never count in a rung. Both append each early stop to the run folder's decisions.jsonl (ASHA-stopped trials look TERMINATED
 in Ray), which the report reads for its `stopped_by` column. Only Ray Tune's public scheduler API is
@@ -77,16 +86,20 @@ class RecordingASHA(ASHAScheduler):
 
     recheck: also stop a trial, at any later result, once its value at the last rung it passed falls below
     that rung's current cutoff (see the module docstring); needs one bracket.
+    promotion: "quantile" (Ray's rule) or "top" (the best n // reduction_factor go on; module docstring).
     """
 
     def __init__(self, log: DecisionLog | None = None, *, metric: str, mode: str, time_attr: str = "epoch",
-                 max_t: int, grace_period: int = 1, reduction_factor: float = 4, recheck: bool = False, **kw):
-        if recheck and kw.get("brackets", 1) != 1:
-            raise ValueError("recheck keeps one set of rungs: use it with brackets=1")
+                 max_t: int, grace_period: int = 1, reduction_factor: float = 4, recheck: bool = False,
+                 promotion: str = "quantile", **kw):
+        if (recheck or promotion == "top") and kw.get("brackets", 1) != 1:
+            raise ValueError("recheck and promotion='top' keep one set of rungs: use them with brackets=1")
+        if promotion not in ("quantile", "top"):
+            raise ValueError(f"promotion: 'quantile' or 'top', not {promotion!r}")
         super().__init__(metric=metric, mode=mode, time_attr=time_attr, max_t=max_t, grace_period=grace_period,
                          reduction_factor=reduction_factor, **kw)
         self.log, self.time_attr, self.max_t, self.mode = log, time_attr, max_t, mode
-        self.recheck, self.keep = recheck, 1 / reduction_factor
+        self.recheck, self.keep, self.rf, self.promotion = recheck, 1 / reduction_factor, reduction_factor, promotion
         # the milestones below max_t, as Ray's single bracket places them (a result at max_t ends the trial)
         self.milestones = [m for m in rungs(grace_period, reduction_factor, max_t) if m < max_t]
         self.rung_values: dict[float, dict[str, float]] = {m: {} for m in self.milestones}
@@ -113,12 +126,17 @@ class RecordingASHA(ASHAScheduler):
                 return m
         return None
 
+    def _behind(self, m: float, trial_id: str) -> bool:
+        """Whether the trial's value at rung m is below the rung's cutoff as the rung stands now."""
+        values = self.rung_values[m]
+        mine = values[trial_id]
+        if self.promotion == "top":
+            return sum(v > mine for v in values.values()) >= max(1, int(len(values) // self.rf))
+        return mine < np.nanpercentile(list(values.values()), (1 - self.keep) * 100)
+
     def _fell_behind(self, trial) -> bool:
         m = self.passed.get(trial.trial_id)
-        if m is None:
-            return False
-        values = self.rung_values[m]
-        return values[trial.trial_id] < np.nanpercentile(list(values.values()), (1 - self.keep) * 100)
+        return m is not None and self._behind(m, trial.trial_id)
 
     def on_trial_add(self, tune_controller, trial):
         if not _unranked(trial):
@@ -129,12 +147,16 @@ class RecordingASHA(ASHAScheduler):
             return TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
         t = result.get(self.time_attr, 0)
-        if self.recheck:
+        if self.recheck or self.promotion == "top":
             reached = self._note(trial, result)
+            if (reached is not None and action == TrialScheduler.CONTINUE and t < self.max_t
+                    and self.promotion == "top" and self._behind(reached, trial.trial_id)):
+                action = TrialScheduler.STOP   # Ray's quantile let it through; it is not among the rung's best
+        if self.recheck:
             if action != TrialScheduler.CONTINUE or t >= self.max_t:
                 self.passed.pop(trial.trial_id, None)
             elif reached is not None:
-                self.passed[trial.trial_id] = reached   # Ray just let it through this rung
+                self.passed[trial.trial_id] = reached   # it just went through this rung
             elif self._fell_behind(trial):
                 self.passed.pop(trial.trial_id)
                 action = TrialScheduler.STOP
@@ -145,7 +167,7 @@ class RecordingASHA(ASHAScheduler):
     def on_trial_complete(self, tune_controller, trial, result):
         if not _unranked(trial):
             super().on_trial_complete(tune_controller, trial, result)
-            if self.recheck:
+            if self.recheck or self.promotion == "top":
                 self._note(trial, result)
                 self.passed.pop(trial.trial_id, None)
 
@@ -163,19 +185,20 @@ class DensityStratifiedASHA(FIFOScheduler):
     density_key: the trial-config key holding the target density; default: trials without it.
     tolerance: stop a trial whose achieved `density` differs from its target by more than this
     after the grace period (None: never).
-    recheck: as RecordingASHA's, within each bucket.
+    recheck, promotion: as RecordingASHA's, within each bucket.
     """
 
     def __init__(self, buckets, *, density_key: str = "gating.density", default: float = 1.0,
                  tolerance: float | None = 0.05, log: DecisionLog | None = None, metric: str, mode: str,
                  time_attr: str = "epoch", max_t: int, grace_period: int = 1, reduction_factor: int = 2,
-                 recheck: bool = False):
+                 recheck: bool = False, promotion: str = "quantile"):
         super().__init__()
         self.buckets = sorted(float(b) for b in buckets) or [float(default)]
         self.density_key, self.default, self.tolerance = density_key, default, tolerance
         self.time_attr, self.max_t, self.grace, self.mode, self.objective = time_attr, max_t, grace_period, mode, metric
         self.asha = {b: RecordingASHA(log, metric=metric, mode=mode, time_attr=time_attr, max_t=max_t,
-                                      grace_period=grace_period, reduction_factor=reduction_factor, recheck=recheck)
+                                      grace_period=grace_period, reduction_factor=reduction_factor, recheck=recheck,
+                                      promotion=promotion)
                      for b in self.buckets}
 
     @property
@@ -222,7 +245,8 @@ def build(plan, log: DecisionLog | None):
     if s.name == "fifo":
         return FIFOScheduler()
     common = dict(metric=cfg.search.metric, mode=cfg.search.mode, time_attr="epoch", max_t=plan.max_epochs,
-                  grace_period=s.grace_period, reduction_factor=s.reduction_factor, recheck=s.recheck)
+                  grace_period=s.grace_period, reduction_factor=s.reduction_factor, recheck=s.recheck,
+                  promotion=s.promotion)
     if s.name == "asha":
         return RecordingASHA(log, **common)
     return DensityStratifiedASHA(plan.density_buckets, default=cfg.gating.density, tolerance=s.off_target_tolerance,
