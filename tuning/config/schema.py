@@ -1,8 +1,7 @@
 """The config schema: one typed, documented field per YAML key (pydantic, strict).
 
-Unknown keys are errors (the notebook's `trainbale` was silently ignored), numbers are not read from
-strings, and every range is checked. The YAML key, the dotted override, the field and the report
-column are the same word (`gating.density` -> `density`). Each field's docstring is its documentation.
+Unknown keys are errors, numbers are not read from strings, every range is checked. The YAML key, the dotted
+override, the field and the report column are one word (`gating.density` -> `density`); docstrings document.
 """
 from __future__ import annotations
 
@@ -148,14 +147,10 @@ class SchedulerCfg(_Strict):
     off_target_tolerance: float | None = Field(0.05, gt=0)
     """asha_by_density: stop a trial whose achieved density is further than this from its target."""
     recheck: bool = False
-    """asha, asha_by_density: ASHA judges a trial once, when it reaches a rung, against the results the rung
-    holds then (early in a search: few or none, so the first trials train to the end); with recheck, a trial
-    that passed a rung is stopped at any later result once it falls below that rung's cutoff as it fills."""
+    """Also stop a trial that passed a rung (nearly empty early on) once it falls below that rung's cutoff."""
     promotion: Literal["quantile", "top"] = "quantile"
-    """asha, asha_by_density: which trials go on past a rung. quantile (Ray's ASHA): one at or above the
-    (1 - 1/reduction_factor) quantile of the values the rung held before it, so the third of three goes on
-    when it beats the mean of the first two; top (ASHA's paper, Optuna's SuccessiveHalvingPruner): one among
-    the best max(1, n // reduction_factor) of the n values the rung holds with its own (ties go on)."""
+    """Who passes a rung. quantile (Ray's ASHA): at or above the rung's (1 - 1/rf) quantile before it; top (ASHA's
+    paper, Optuna's pruner): among the best max(1, n // rf) of the rung's n values, its own counted."""
 
 
 class ResourcesCfg(_Strict):
