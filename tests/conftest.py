@@ -1,6 +1,8 @@
 """Shared fixtures. Tests run on CPU; Ray tests share one local 2-CPU instance per module that asks."""
+import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +99,13 @@ def s3_read(uri: str, rel: str) -> str:
     remote, root = s3(uri)
     with remote.open_input_stream(f"{root}/{rel}") as f:
         return f.read().decode()
+
+
+def trial_params(run_dir):
+    """(trial folder, params) for each trial of a running search whose params.json is written: Ray may be
+    writing one at the moment a test polls (read empty, it is skipped until the next poll)."""
+    for path in sorted(Path(run_dir).glob("trial_*/params.json")):
+        try:
+            yield path.parent, json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue

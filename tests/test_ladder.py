@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from conftest import trial_params
 from ray.tune.search import SearchGenerator, Searcher
 
 from gatetune import models, results
@@ -175,10 +176,8 @@ def test_driver_killed_between_two_steps_resumes_the_ladder(tmp_path):
                          start_new_session=True)
 
     def step2_checkpointed() -> bool:
-        for params in run_dir.glob("trial_*/params.json"):
-            if json.loads(params.read_text()).get("gating.density") == 0.5 and any(params.parent.glob("checkpoint_*")):
-                return True
-        return False
+        return any(params.get("gating.density") == 0.5 and any(folder.glob("checkpoint_*"))
+                   for folder, params in trial_params(run_dir))
 
     deadline = time.time() + 300
     while time.time() < deadline and not step2_checkpointed():

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import trial_params
 
 from gatetune.core import layout, trials
 from gatetune.tuning.train import checkpoint as ckpt
@@ -190,10 +191,8 @@ def test_driver_killed_during_confirmation_runs_no_seed_twice(tmp_path):
                          start_new_session=True)
 
     def replica_checkpointed() -> bool:
-        for params in run_dir.glob("trial_*/params.json"):
-            if "confirms" in params.read_text() and any(params.parent.glob("checkpoint_000001")):
-                return True
-        return False
+        return any("confirms" in params and any(folder.glob("checkpoint_000001"))
+                   for folder, params in trial_params(run_dir))
 
     deadline = time.time() + 300
     while time.time() < deadline and not replica_checkpointed():
@@ -223,10 +222,7 @@ def test_driver_killed_during_the_dense_pretraining_resumes_it(tmp_path):
                          start_new_session=True)
 
     def pretrain_dir() -> Path | None:
-        for params in run_dir.glob("trial_*/params.json"):
-            if json.loads(params.read_text()).get(trials.PRETRAIN):
-                return params.parent
-        return None
+        return next((folder for folder, params in trial_params(run_dir) if params.get(trials.PRETRAIN)), None)
 
     deadline = time.time() + 300
     while time.time() < deadline and not (pretrain_dir() and any(pretrain_dir().glob("checkpoint_000000"))):
