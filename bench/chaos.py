@@ -54,8 +54,8 @@ OPTUNA_STATE = {"completed": "COMPLETE", "stopped": "PRUNED", "diverged": "PRUNE
 
 class Chaos(threading.Thread):
     """SIGKILL a random worker node (one running a trial, where one does) every `every` (low, high) seconds and
-    start it again `down_s` later,
-    until stop() or the time `until`; self.kills: (time, node index, processes killed)."""
+    start it again `down_s` later, until stop() or the time `until`; self.kills: (time, node index, processes
+    killed)."""
 
     def __init__(self, cluster: LoopbackCluster, every=(15.0, 30.0), down_s: float = 3.0,
                  until: float = float("inf"), seed: int = 0):

@@ -80,7 +80,7 @@ class LoopbackCluster:
     def kill_worker(self, i: int) -> int:
         """SIGKILL worker node i's raylet and every process under it; how many processes that was."""
         port, self.manager_ports[i] = self.manager_ports[i], None
-        raylet = pids(lambda cmd: f"--node_manager_port={port}" in cmd)
+        raylet = _raylet(port)
         assert raylet, f"worker node {i}'s raylet is not running"
         # its log monitor is no child of the raylet: left running, one per kill, they would poll the shared
         # session's logs and take the machine's CPU (a rebooted node takes its own with it)
@@ -91,10 +91,9 @@ class LoopbackCluster:
     def busy(self, i: int) -> bool:
         """Whether worker node i (up) runs an actor: a worker process titled ray::<class> (a trial), not one of
         Ray's idle workers or agents."""
-        port = self.manager_ports[i]
         procs = processes()
         return any(procs[pid][1].startswith("ray::") and not procs[pid][1].startswith(_NOT_TRIALS)
-                   for pid in tree(pids(lambda cmd: f"--node_manager_port={port}" in cmd)) if pid in procs)
+                   for pid in tree(_raylet(self.manager_ports[i]), procs) if pid in procs)
 
     def stop(self) -> None:
         procs = tree(pids(lambda cmd: self.tmp in cmd or f":{self.port} " in cmd + " "))
@@ -104,6 +103,11 @@ class LoopbackCluster:
 
 
 _NOT_TRIALS = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def _raylet(port) -> set[int]:
+    """The raylet of the node whose node manager listens on `port` (a set: empty once it is gone)."""
+    return pids(lambda cmd: f"--node_manager_port={port}" in cmd)
 
 
 def _log_monitor(cmd: str) -> bool:
@@ -140,9 +144,9 @@ def pids(match) -> set[int]:
     return {pid for pid, (_, cmd) in processes().items() if match(cmd) and pid != os.getpid()}
 
 
-def tree(roots: set[int]) -> set[int]:
-    """roots and every process under them."""
-    procs, found = processes(), set(roots)
+def tree(roots: set[int], procs: dict[int, tuple[int, str]] | None = None) -> set[int]:
+    """roots and every process under them, in `procs` (processes(); read now when None)."""
+    procs, found = processes() if procs is None else procs, set(roots)
     while True:
         more = {pid for pid, (ppid, _) in procs.items() if ppid in found} - found
         if not more:
