@@ -137,6 +137,22 @@ def test_top_promotion_trains_fewer_epochs_and_still_finishes_the_best():
     assert all(t <= q for q, t in epochs.values()) and sum(q - t for q, t in epochs.values()) >= 10, epochs
 
 
+def test_a_scheduler_pickled_before_promotion_existed_promotes_as_before():
+    """gatetune resume unpickles the run's RecordingASHA: one saved by a gatetune without `promotion` and `rf`
+    must still decide by Ray's rule (rf 4: rungs 1, 4; the third at 25 passes 10 and 30's 75% quantile, 25)."""
+    import pickle
+    kw = dict(time_attr="epoch", metric="top1", mode="max", max_t=MAX_T, grace_period=1, reduction_factor=4)
+    asha = RecordingASHA(recheck=True, **kw)
+    for name in ("promotion", "rf"):
+        del asha.__dict__[name]
+    old = pickle.loads(pickle.dumps(asha))
+    a, b, c = (SimpleNamespace(trial_id=i, config={}) for i in "abc")
+    for t, top1 in ((a, 10.0), (b, 30.0), (c, 25.0)):
+        old.on_trial_add(None, t)
+        assert old.on_trial_result(None, t, {"epoch": 1.0, "top1": top1}) == TrialScheduler.CONTINUE
+    assert old.on_trial_result(None, a, {"epoch": 2.0, "top1": 11.0}) == TrialScheduler.STOP   # recheck still works
+
+
 def test_recheck_needs_one_bracket():
     with pytest.raises(ValueError, match="brackets=1"):
         RecordingASHA(time_attr="epoch", metric="top1", mode="max", max_t=MAX_T, recheck=True, brackets=2)

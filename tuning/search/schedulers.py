@@ -89,6 +89,10 @@ class RecordingASHA(ASHAScheduler):
     promotion: "quantile" (Ray's rule) or "top" (the best n // reduction_factor go on; module docstring).
     """
 
+    # a scheduler pickled in a run folder by a gatetune without `promotion` (gatetune resume) promotes as it did;
+    # the quantile path reads only `keep`, which such a pickle holds
+    promotion = "quantile"
+
     def __init__(self, log: DecisionLog | None = None, *, metric: str, mode: str, time_attr: str = "epoch",
                  max_t: int, grace_period: int = 1, reduction_factor: float = 4, recheck: bool = False,
                  promotion: str = "quantile", **kw):
@@ -134,6 +138,11 @@ class RecordingASHA(ASHAScheduler):
             return sum(v > mine for v in values.values()) >= max(1, int(len(values) // self.rf))
         return mine < np.nanpercentile(list(values.values()), (1 - self.keep) * 100)
 
+    @property
+    def _keeps_rungs(self) -> bool:
+        """Whether this scheduler keeps its own copy of the rungs (recheck and promotion 'top' judge from it)."""
+        return self.recheck or self.promotion == "top"
+
     def _fell_behind(self, trial) -> bool:
         m = self.passed.get(trial.trial_id)
         return m is not None and self._behind(m, trial.trial_id)
@@ -147,7 +156,7 @@ class RecordingASHA(ASHAScheduler):
             return TrialScheduler.CONTINUE
         action = super().on_trial_result(tune_controller, trial, result)
         t = result.get(self.time_attr, 0)
-        if self.recheck or self.promotion == "top":
+        if self._keeps_rungs:
             reached = self._note(trial, result)
             if (reached is not None and action == TrialScheduler.CONTINUE and t < self.max_t
                     and self.promotion == "top" and self._behind(reached, trial.trial_id)):
@@ -167,7 +176,7 @@ class RecordingASHA(ASHAScheduler):
     def on_trial_complete(self, tune_controller, trial, result):
         if not _unranked(trial):
             super().on_trial_complete(tune_controller, trial, result)
-            if self.recheck or self.promotion == "top":
+            if self._keeps_rungs:
                 self._note(trial, result)
                 self.passed.pop(trial.trial_id, None)
 
