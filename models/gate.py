@@ -21,13 +21,19 @@ from torch import nn
 
 from gatetune.models.gate_ops import bn_scale_shift, mean_abs, mean_hw, scale_free
 
-__all__ = ["GatedConv2d", "GateTap", "active_count", "POLICIES", "INPUT_GAIN"]
+__all__ = ["GatedConv2d", "GateTap", "active_count", "POLICIES", "INPUT_GAIN", "Z_CLIP"]
 
 POLICIES = ("fbs", "mse")
 # The standardised pooled input's scale. With 1.0 a resnet20 fine-tuned from dense weights at density 0.5
 # (CIFAR-10, docs/design.md) made 98% of its gated channels dynamic and lost 13 points of top-1 against
 # static top-|gamma| gates; with 0.3, 65% dynamic and 2 points.
 INPUT_GAIN = 0.3
+# The standardised pooled input is clipped to [-Z_CLIP, Z_CLIP] (before INPUT_GAIN). An input channel that
+# was almost always zero in training (its gate upstream lost) gets a running variance near 1e-6; in eval,
+# where the running statistics replace the batch's, an input that had it on reached |z| ~2000 and picked the
+# winners alone: fine-tuned digitnets lost up to 70 points of top-1 in eval that the same weights kept with
+# batch statistics (docs/design.md, "Gating semantics").
+Z_CLIP = 3.0
 
 
 def active_count(density: float, channels: int) -> int:
@@ -49,7 +55,7 @@ class GateTap(nn.Module):
 class GatedConv2d(nn.Module):
     """Per-sample winner-take-all channel gating of one conv (+BN).
 
-    Saliency predictor: s = ReLU(Linear(z)), z = INPUT_GAIN * BN_noaffine(p / mean_c p), p = mean_{H,W} |x|
+    Saliency predictor: s = ReLU(Linear(z)), z = INPUT_GAIN * clip(BN_noaffine(p / mean_c p), +-Z_CLIP), p = mean_{H,W} |x|
         (N, C_in), Linear C_in -> C_out. Dividing by the mean over input channels makes s blind to the scale
         of x (s multiplies the layer's output, so a saliency that grew with its input compounded layer over
         layer); the BN (batch statistics in training, running ones in eval) centres and scales each pooled
@@ -128,8 +134,9 @@ class GatedConv2d(nn.Module):
         return F.relu(self.predictor(self.predictor_input(mean_hw(x) if self.nonneg_input else mean_abs(x))))
 
     def predictor_input(self, p: torch.Tensor) -> torch.Tensor:
-        """z (N, C_in) of pooled p: scale-free, standardised per channel, times INPUT_GAIN. Batch statistics
-        in training (updating the running ones), except for a batch of one, which reads the running ones.
+        """z (N, C_in) of pooled p: scale-free, standardised per channel, clipped to +-Z_CLIP, times INPUT_GAIN.
+        Batch statistics in training (updating the running ones), except for a batch of one, which reads the
+        running ones.
         Standardised only when built from dense weights (the `standardise` buffer): there the predictor starts
         at zero and must learn from each sample's deviation, or its gates stay static. From scratch the
         standardisation made the winners input-driven from the first step, before the features meant
@@ -139,7 +146,7 @@ class GatedConv2d(nn.Module):
         n = self.pool_norm
         batch = self.training and p.shape[0] > 1
         z = F.batch_norm(scale_free(p), n.running_mean, n.running_var, None, None, batch, n.momentum, n.eps)
-        return z * INPUT_GAIN
+        return z.clamp(-Z_CLIP, Z_CLIP) * INPUT_GAIN
 
     @torch.no_grad()
     def _winners(self, s: torch.Tensor) -> torch.Tensor | None:

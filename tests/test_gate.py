@@ -31,7 +31,7 @@ def _x(n=4, c=6, seed=1):
 
 
 def _saliency(gate, x, batch_stats, running=None):
-    """docs/design.md's s = relu(W z + b), z = 0.3 * standardise(p / mean_c p), p = mean_hw |x|, written out;
+    """docs/design.md's s = relu(W z + b), z = 0.3 * clip(standardise(p / mean_c p), +-3), p = mean_hw |x|, written out;
     running: the (mean, var) the gate held before the forward (eval, or a batch of one)."""
     p = x.abs().mean((2, 3))
     q = p / (p.mean(1, keepdim=True) + 1e-6)
@@ -41,7 +41,7 @@ def _saliency(gate, x, batch_stats, running=None):
         mu, var = q.mean(0), q.var(0, unbiased=False)
     else:
         mu, var = running
-    z = 0.3 * (q - mu) / torch.sqrt(var + gate.pool_norm.eps)
+    z = 0.3 * ((q - mu) / torch.sqrt(var + gate.pool_norm.eps)).clamp(-3, 3)
     return F.relu(gate.predictor(z))
 
 
@@ -260,3 +260,23 @@ def test_recorder_counts_match_the_masks():
         pass
     assert all(math.isnan(v) for v in empty.densities().values())
     assert all(s == 0 and c.sum() == 0 for c, s in empty.selection_counts().values())
+
+
+def test_an_input_almost_always_off_in_training_cannot_pick_the_winners_in_eval():
+    """A pooled input channel whose running variance is ~0 (its upstream gate nearly always lost in training)
+    is on for one eval input: its standardised value is clipped to 3 deviations, where it would be hundreds
+    and decide every winner."""
+    conv, bn = _conv_bn()
+    gate = GatedConv2d(conv, bn, density=0.5, dense_start=True).eval()
+    with torch.no_grad():
+        gate.predictor.weight.normal_(0, 0.1)
+        gate.pool_norm.running_mean.fill_(1.0)
+        gate.pool_norm.running_var.fill_(0.25)
+        gate.pool_norm.running_mean[0], gate.pool_norm.running_var[0] = 0.0, 1e-6
+    x = _x(n=1).abs()
+    x[:, 0] = 0.0
+    x[:, 0] = x[:, 1:].mean()          # channel 0 on, at the others' level
+    z = gate.predictor_input(mean_hw(x))
+    assert float(z[0, 0]) == pytest.approx(0.3 * 3.0)   # clipped
+    q = mean_hw(x) / mean_hw(x).mean(1, keepdim=True)
+    assert float(q[0, 0] / 1e-3) > 100          # unclipped: hundreds of deviations

@@ -253,3 +253,28 @@ def test_state_latency_of_a_training_state_matches_its_checkpoints(tmp_path):
     cfg, net, data = open_checkpoint(tmp_path / "gated.pt")
     m = state_latency(cfg, torch.load(tmp_path / "gated.pt", weights_only=False), data, images=2, rounds=1)
     assert m["latency_ratio"] > 0 and m["latency_ms"] > 0 and m["dense_latency_ms"] > 0
+
+
+@pytest.mark.parametrize("variant", [dict(force="skip-kernel"), dict(force="dense-kernel"),
+                                     dict(kernel=False, force="skip-native")],
+                         ids=lambda v: v["force"] + ("" if v.get("kernel", True) else "-torch"))
+def test_the_predictor_input_clip_folds_into_the_skipping_path(variant):
+    """Gates built from dense weights standardise the pooled input by running statistics and clip it to
+    +-Z_CLIP. Half the input channels with a running variance of 1e-6 (an input almost always off in
+    training) put most of their z beyond the clip; the skipping path keeps the masked net's channels."""
+    from gatetune.models.gate import Z_CLIP
+    from gatetune.models.gate_ops import mean_hw, scale_free
+    net = _gated("resnet20", "fbs", 0.5)
+    clipped = []
+    with torch.no_grad():
+        for g in net.gates.values():
+            g.standardise.fill_(True)
+            g.predictor.weight.normal_(0, 0.1)
+            g.pool_norm.running_mean.uniform_(0.5, 1.5)
+            g.pool_norm.running_var.uniform_(0.05, 0.5)
+            g.pool_norm.running_var[::2] = 1e-6
+            g.register_forward_pre_hook(lambda m, a: clipped.append(float(
+                ((scale_free(mean_hw(a[0])) - m.pool_norm.running_mean).abs()
+                 > Z_CLIP * (m.pool_norm.running_var + m.pool_norm.eps).sqrt()).float().mean())))
+    _check_match(net, 32, n=2, **variant)
+    assert 0.3 < sum(clipped) / len(clipped) < 0.9   # the clip bites on many inputs, not on all

@@ -141,7 +141,7 @@ def test_gates_follow_the_input_once_trained_below_density_one(dense_checkpoint)
     path, dense, data = dense_checkpoint
     cfg = C.load_dict({"model": {"name": "resnet20", "weights": path}, "data": {"dataset": "folder", "root": SUBSET},
                        "gating": {"density": 0.5, "weight": 1e-8},
-                       "train": {"epochs": 2, "batch_size": 64, "device": "cpu", "threads": 2,
+                       "train": {"epochs": 3, "batch_size": 64, "device": "cpu", "threads": 2,
                                  "optimizer": {"lr": 0.02}, "lr_schedule": {"name": "cosine"}}})
     last = fit(cfg, lambda m, s: None, data=data, device=torch.device("cpu"))
     sites = json.loads(last["gate_sites"])

@@ -6,8 +6,9 @@ as much as a resnet20 conv saves by skipping a quarter of its channels. `gt_prep
 one pass over preallocated buffers:
 
     pooled = mean_hw x (|x| for a signed input), full width (zeros where x is compact)
-    s      = relu(W_p . pooled / (mean pooled + eps) + b_p)   (accumulated in double; W_p and b_p hold the
-             predictor with its input standardisation folded in, models/inference/skip_gate.py)
+    z      = clamp((pooled / (mean pooled + eps) - m) * a, -clip, clip)   (the running standardisation and
+             its clip, models/inference/skip_gate.py's folded_predictor)
+    s      = relu(W_p . z + b_p)                            (accumulated in double; INPUT_GAIN folded into W_p)
     o      = topk(s, k) indices, ascending                 (torch's CPU topk: same winners, ties included)
     gather: w_out[j, i] = W'[o_j, in_i] * s[o_j],  b_out[j] = s[o_j] * shift[o_j] + beta[o_j]   (fbs)
             w_out[j, i] = W'[o_j, in_i],           b_out[j] = shift[o_j]                         (mse)
@@ -58,6 +59,9 @@ struct GateSpec {
   const float* beta;      // (c_out)
   const float* p_weight;  // (c_out, c_in)
   const float* p_bias;    // (c_out)
+  const float* p_mean;    // (c_in): the predictor input's running standardisation (0 and 1 when none)
+  const float* p_scale;   // (c_in)
+  double p_clip;          // its clip (inf when none)
 };
 
 typedef std::pair<float, int64_t> elem_t;   // torch's topk_impl_loop<float, float>
@@ -106,13 +110,21 @@ extern "C" int64_t gt_prepare(const GateSpec* g, const float* x, const int64_t* 
   double total = 0.0;
   for (int64_t i = 0; i < c_in; ++i) total += pv[i];
   const double inv = 1.0 / (total / (double)c_in + SCALE_EPS);   // gate_ops.scale_free
+  thread_local std::vector<double> scaled;
+  scaled.resize(c_in);
+  double* qv = scaled.data();
+  const double clip = g->p_clip;
+  for (int64_t i = 0; i < c_in; ++i) {   // scale-free, standardised, clipped (gate.predictor_input)
+    double v = (pv[i] * inv - (double)g->p_mean[i]) * (double)g->p_scale[i];
+    qv[i] = v < -clip ? -clip : (v > clip ? clip : v);
+  }
   int64_t nan = 0;
   for (int64_t c = 0; c < c_out; ++c) {
     const float* w = g->p_weight + c * c_in;
     double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < c_in; ++i) acc += (double)w[i] * pv[i];
-    float v = (float)(acc * inv + (double)g->p_bias[c]);
+    for (int64_t i = 0; i < c_in; ++i) acc += (double)w[i] * qv[i];
+    float v = (float)(acc + (double)g->p_bias[c]);
     if (std::isnan(v)) nan = 1;
     s[c] = v > 0.0f ? v : (std::isnan(v) ? v : 0.0f);
   }
@@ -205,7 +217,8 @@ class GateSpec(ctypes.Structure):
     _fields_ = [("c_in", ctypes.c_int64), ("c_out", ctypes.c_int64), ("k", ctypes.c_int64),
                 ("kk", ctypes.c_int64), ("nonneg", ctypes.c_int64), ("scaled", ctypes.c_int64),
                 ("weight", ctypes.c_void_p), ("shift", ctypes.c_void_p), ("beta", ctypes.c_void_p),
-                ("p_weight", ctypes.c_void_p), ("p_bias", ctypes.c_void_p)]
+                ("p_weight", ctypes.c_void_p), ("p_bias", ctypes.c_void_p), ("p_mean", ctypes.c_void_p),
+                ("p_scale", ctypes.c_void_p), ("p_clip", ctypes.c_double)]
 
 
 def cpu_name() -> str:

@@ -7,12 +7,13 @@ __all__ = ["SkipGate", "expand", "folded", "folded_predictor", "padded", "CONVS"
 
 import ctypes
 import functools
+import math
 from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
 from gatetune.models.errors import ModelError
-from gatetune.models.gate import INPUT_GAIN, GatedConv2d
+from gatetune.models.gate import INPUT_GAIN, Z_CLIP, GatedConv2d
 from gatetune.models.gate_ops import scale_free
 from gatetune.models.inference.kernel import PAD, GateSpec, load as load_kernel
 from gatetune.models.inference.autotune import cached_choice, calibrate, timed
@@ -46,15 +47,17 @@ def folded(g: GatedConv2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | N
     return w * scale[:, None, None, None], shift, None
 
 
-def folded_predictor(g: GatedConv2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W', b') with W' . scale_free(p) + b' == predictor(predictor_input(p)) in eval: the running
-    standardisation and INPUT_GAIN folded into the predictor's weight and bias."""
+def folded_predictor(g: GatedConv2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(W, b, m, a, clip) with W . clamp((scale_free(p) - m) * a, -clip, clip) + b == predictor(predictor_input(p))
+    in eval: INPUT_GAIN folded into the weight, the running standardisation kept apart (m, a = rsqrt(var + eps)),
+    as the masked path computes it. (Folding m and a into the weight and bias too loses the clip's precision:
+    a = 300 for an input whose running variance is ~0, and b - W a m cancels in float32.) Not standardised:
+    m 0, a 1, no clip."""
     n, lin = g.pool_norm, g.predictor
+    w, b = lin.weight.detach() * INPUT_GAIN, lin.bias.detach()
     if not bool(g.standardise):
-        return lin.weight.detach() * INPUT_GAIN, lin.bias.detach()
-    a = INPUT_GAIN * torch.rsqrt(n.running_var + n.eps)
-    w = lin.weight.detach() * a[None, :]
-    return w, lin.bias.detach() - w @ n.running_mean
+        return w, b, torch.zeros_like(w[0]), torch.ones_like(w[0]), math.inf
+    return w, b, n.running_mean.clone(), torch.rsqrt(n.running_var + n.eps), Z_CLIP
 
 
 def padded(w: torch.Tensor) -> torch.Tensor:
@@ -112,9 +115,11 @@ class SkipGate(nn.Module):
         # [shift | beta] per output channel: one gather picks both. (Not appended to the weight rows: the
         # column gather of a non-contiguous weight is almost twice as slow.)
         self.register_buffer("shift_beta", torch.stack([shift, beta], 1))
-        p_weight, p_bias = folded_predictor(g)
+        p_weight, p_bias, p_mean, p_scale, self.p_clip = folded_predictor(g)
         self.register_buffer("p_weight", p_weight.contiguous())
         self.register_buffer("p_bias", p_bias.contiguous())
+        self.register_buffer("p_mean", p_mean.contiguous())
+        self.register_buffer("p_scale", p_scale.contiguous())
         self.register_buffer("zeros_in", torch.zeros(1, self.c_in, dtype=w.dtype, device=w.device))
         self.lib = lib
         self._bind()
@@ -140,7 +145,8 @@ class SkipGate(nn.Module):
         self._idx_buf = torch.empty(self.k, dtype=torch.long)
         self.spec = GateSpec(self.c_in, self.c_out, self.k, kk, int(self.nonneg), int(self.scaled),
                               w.data_ptr(), self.shift.data_ptr(), self.beta.data_ptr(),
-                              self.p_weight.data_ptr(), self.p_bias.data_ptr())
+                              self.p_weight.data_ptr(), self.p_bias.data_ptr(), self.p_mean.data_ptr(),
+                              self.p_scale.data_ptr(), self.p_clip)
         self._spec_ref = ctypes.byref(self.spec)
 
     def _apply(self, fn, recurse=True):
@@ -290,7 +296,8 @@ class SkipGate(nn.Module):
         faster than calling mean here.)"""
         pooled = (t if self.nonneg else t.abs()).sum((2, 3)).div_(t.shape[2] * t.shape[3])
         full = pooled if idx is None else self.zeros_in.index_copy(1, idx, pooled)
-        return pooled, F.linear(scale_free(full), self.p_weight, self.p_bias).relu_()
+        z = ((scale_free(full) - self.p_mean) * self.p_scale).clamp_(-self.p_clip, self.p_clip)
+        return pooled, F.linear(z, self.p_weight, self.p_bias).relu_()
 
     def _skip_torch(self, t: torch.Tensor, idx: torch.Tensor | None, conv=_conv_native):
         pooled, s = self._saliency(t, idx)
