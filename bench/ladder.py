@@ -25,7 +25,7 @@ independent trials' trial-epochs: trials_per_step x E_lad = per_density x E_ind 
            200 / 100 images of each class of data/cifar10-subset, linked into a temporary folder),
            conv1 dense, densities 0.75 0.5 0.3
 
-    python bench/ladder.py                    # both workloads (~12 min on 2 cores)
+    python bench/ladder.py                    # both workloads (~3.5 min on 2 cores)
     python bench/ladder.py --workload digits  # one of them
     python bench/ladder.py --quick            # smoke run: digits, 2 densities, 1 trial per step (tests/test_bench.py)
     python bench/ladder.py --device cuda      # trials on the GPU (0.5 GPU each)
