@@ -128,8 +128,6 @@ def test_digits_accuracy_targets(tmp_path, overrides, min_top1):
             assert m["macs_ratio"] <= 0.30
 
 
-
-
 def test_fine_tuned_gates_keep_their_accuracy_in_eval(tmp_path):
     """Digitnets fine-tuned from dense weights at density 0.25 (lr 0.15, the top of the ladder space's range;
     4 epochs, three seeds) score in eval, where running statistics standardise the predictor's pooled input,

@@ -106,24 +106,21 @@ extern "C" int64_t gt_prepare(const GateSpec* g, const float* x, const int64_t* 
     }
     pooled[in_idx ? in_idx[j] : j] = acc / (double)hw;
   }
-  const double* pv = pooled.data();
+  double* pv = pooled.data();
   double total = 0.0;
   for (int64_t i = 0; i < c_in; ++i) total += pv[i];
   const double inv = 1.0 / (total / (double)c_in + SCALE_EPS);   // gate_ops.scale_free
-  thread_local std::vector<double> scaled;
-  scaled.resize(c_in);
-  double* qv = scaled.data();
   const double clip = g->p_clip;
-  for (int64_t i = 0; i < c_in; ++i) {   // scale-free, standardised, clipped (gate.predictor_input)
+  for (int64_t i = 0; i < c_in; ++i) {   // in place: scale-free, standardised, clipped (gate.predictor_input)
     double v = (pv[i] * inv - (double)g->p_mean[i]) * (double)g->p_scale[i];
-    qv[i] = v < -clip ? -clip : (v > clip ? clip : v);
+    pv[i] = v < -clip ? -clip : (v > clip ? clip : v);
   }
   int64_t nan = 0;
   for (int64_t c = 0; c < c_out; ++c) {
     const float* w = g->p_weight + c * c_in;
     double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < c_in; ++i) acc += (double)w[i] * qv[i];
+    for (int64_t i = 0; i < c_in; ++i) acc += (double)w[i] * pv[i];
     float v = (float)(acc + (double)g->p_bias[c]);
     if (std::isnan(v)) nan = 1;
     s[c] = v > 0.0f ? v : (std::isnan(v) ? v : 0.0f);

@@ -296,7 +296,9 @@ class SkipGate(nn.Module):
         faster than calling mean here.)"""
         pooled = (t if self.nonneg else t.abs()).sum((2, 3)).div_(t.shape[2] * t.shape[3])
         full = pooled if idx is None else self.zeros_in.index_copy(1, idx, pooled)
-        z = ((scale_free(full) - self.p_mean) * self.p_scale).clamp_(-self.p_clip, self.p_clip)
+        z = scale_free(full)
+        if math.isfinite(self.p_clip):   # standardised (built from dense weights); else m 0, a 1: three ops saved
+            z = ((z - self.p_mean) * self.p_scale).clamp_(-self.p_clip, self.p_clip)
         return pooled, F.linear(z, self.p_weight, self.p_bias).relu_()
 
     def _skip_torch(self, t: torch.Tensor, idx: torch.Tensor | None, conv=_conv_native):
