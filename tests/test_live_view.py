@@ -11,6 +11,7 @@ import struct
 import subprocess
 import termios
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -73,6 +74,27 @@ def test_trial_gauges_take_the_fractional_epoch_and_live_rate_and_keep_the_rest(
         assert g.last == {"epoch": 2.37, "top1": 97.5, "images_per_s": 431.0}
     finally:
         g.stop()
+
+
+def test_a_trial_finds_its_search_board_only_where_the_driver_draws_one_and_logs_no_failed_lookup(ray_local):
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    def trial(run):
+        board = live.find_board(run)
+        if board is None:
+            return None
+        ray.get(board.update.remote("t1", {"epoch": 1.5}))
+        return "found"
+
+    assert ray.get(trial.remote("no-view")) is None
+    board = live.start_board("with-view")
+    assert ray.get(trial.remote("with-view")) == "found"
+    assert ray.get(board.snapshot.remote())["t1"]["epoch"] == 1.5
+    logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
+    noisy = [p.name for p in logs.glob("python-core-worker-*.log")
+             if "Failed to look up actor" in p.read_text("utf-8", "replace")]
+    assert not noisy, noisy
 
 
 def _trial(tid, status, config, last=None):

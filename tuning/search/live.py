@@ -161,11 +161,15 @@ def start_board(run: str):
 
 
 def find_board(run: str):
-    """A trial's handle on its search's Board; None when the driver draws no live view."""
+    """A trial's handle on its search's Board; None when the driver draws no live view. The names are listed
+    first: a failed ray.get_actor logs "Failed to look up actor" in the worker's log, once per trial."""
     import ray
+    name = board_name(run)
+    if name not in ray.util.list_named_actors():
+        return None
     try:
-        return ray.get_actor(board_name(run))
-    except ValueError:
+        return ray.get_actor(name)
+    except ValueError:   # the driver ended between the two calls
         return None
 
 
